@@ -1,0 +1,35 @@
+"""One small error hierarchy: every message names the file and the fix."""
+
+from __future__ import annotations
+
+
+class AutoliverError(Exception):
+    """Base of every error autoliver raises for bad input or missing artefacts."""
+
+
+class DatasetError(AutoliverError):
+    """A raw dataset or one of its files is invalid."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
+class ImageReadError(DatasetError):
+    """An image file or DICOM folder could not be read."""
+
+
+class PlanError(AutoliverError):
+    """Planning could not produce a valid configuration."""
+
+
+class MissingArtefactError(AutoliverError):
+    """An artefact a stage needs does not exist; the message names the command that makes it."""
+
+
+class StaleArtefactError(AutoliverError):
+    """An artefact was built from inputs that have changed since."""

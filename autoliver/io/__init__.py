@@ -1,0 +1,1 @@
+"""Image, dataset and artefact I/O."""

@@ -1,0 +1,176 @@
+"""Reading and writing CT volumes: NIfTI, NRRD, MHA/MHD and DICOM series (via SimpleITK).
+
+Array layout everywhere in autoliver is (Z, Y, X); ``Geometry.spacing`` is in mm in the
+same order. ``origin`` and ``direction`` are physical (LPS) quantities and are kept exactly as
+SimpleITK reports them (x, y, z order; direction as a row-major 3x3 matrix).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from autoliver.errors import ImageReadError
+from autoliver.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid sits in the patient: everything needed to write a volume back."""
+
+    shape: tuple[int, int, int]  # (z, y, x) voxels
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    origin: tuple[float, float, float]  # physical (x, y, z) mm, as SimpleITK
+    direction: tuple[float, ...]  # 3x3 row-major, as SimpleITK
+
+    def to_json(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Geometry":
+        return cls(
+            shape=tuple(int(v) for v in d["shape"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(
+            shape=tuple(int(v) for v in reversed(image.GetSize())),
+            spacing=tuple(float(v) for v in reversed(image.GetSpacing())),
+            origin=tuple(float(v) for v in image.GetOrigin()),
+            direction=tuple(float(v) for v in image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(tuple(reversed(self.spacing)))
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def image_suffix(path: str | os.PathLike) -> str | None:
+    """The recognised image suffix of ``path`` ('.nii.gz', '.mha', ...), or None."""
+    name = str(path).lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def is_dicom_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def dicom_series_files(folder: str | os.PathLike, series_uid: str | None = None) -> list[str]:
+    """The slice files of one DICOM series, ordered by the headers' slice positions.
+
+    A folder holding several series is an error that lists them, unless ``series_uid`` picks
+    one.
+    """
+    folder = Path(folder)
+    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not ids:
+        raise ImageReadError(f"{folder}: no DICOM series found; point to a folder of DICOM slices")
+    if series_uid is None:
+        if len(ids) > 1:
+            listing = ", ".join(f"{uid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in ids)
+            raise ImageReadError(
+                f"{folder}: holds {len(ids)} DICOM series ({listing}); choose one with --series UID "
+                "or move each series into its own folder"
+            )
+        series_uid = ids[0]
+    elif series_uid not in ids:
+        raise ImageReadError(f"{folder}: series {series_uid} not found; series present: {', '.join(ids)}")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read a file or a DICOM series folder into a SimpleITK image; clear error on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(dicom_series_files(path, series_uid))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except ImageReadError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in reversed(first) if line.strip()), "unknown reader error")
+        raise ImageReadError(
+            f"{path}: cannot be read as an image ({detail.strip()}); the file may be truncated "
+            "or not an image: re-export or re-copy it"
+        ) from None
+
+
+def read_header(path: str | os.PathLike) -> tuple[Geometry, int, str]:
+    """Geometry, dimension and pixel type of a file without reading its voxels."""
+    path = Path(path)
+    if path.is_dir():
+        image = read_sitk(path)
+        return Geometry.of(image) if image.GetDimension() == 3 else None, image.GetDimension(), image.GetPixelIDTypeAsString()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ImageReadError(f"{path}: cannot read the image header; the file may be truncated or not an image: re-export it") from None
+    dim = reader.GetDimension()
+    geom = None
+    if dim == 3:
+        geom = Geometry(
+            shape=tuple(int(v) for v in reversed(reader.GetSize())),
+            spacing=tuple(float(v) for v in reversed(reader.GetSpacing())),
+            origin=tuple(float(v) for v in reader.GetOrigin()),
+            direction=tuple(float(v) for v in reader.GetDirection()),
+        )
+    return geom, dim, reader.GetPixelIDTypeAsString()
+
+
+def read_image(path: str | os.PathLike, series_uid: str | None = None, dtype=None) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D volume as a (Z, Y, X) array and its geometry.
+
+    Single-component 3D images only: a 2D, 4D or multi-component image is an error naming the
+    file. ``dtype`` casts the array (e.g. ``np.float32`` for intensities).
+    """
+    image = read_sitk(path, series_uid)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(
+            f"{path}: is a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
+            "component(s); autoliver needs one 3D single-channel volume per file: split it first"
+        )
+    array = sitk.GetArrayFromImage(image)
+    if dtype is not None and array.dtype != dtype:
+        array = array.astype(dtype, copy=False)
+    return array, Geometry.of(image)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
+    """Write a (Z, Y, X) array with ``geometry`` atomically; the format follows the suffix."""
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
+    suffix = image_suffix(path) or ""
+    with atomic_path(path, suffix=suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)

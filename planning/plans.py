@@ -1,0 +1,118 @@
+"""plans.json: the experiment plan, kept as JSON with a thin typed accessor.
+
+Configurations share preprocessed data where their spacing is the same: ``2d``, ``2.5d``,
+``3d_fullres`` and ``3d_cascade_fullres`` all read the ``fullres`` data folder; ``3d_lowres``
+reads ``lowres``. ``data_identifier`` names the folder under ``preprocessed/<dataset>/``.
+
+Axis order everywhere: (z, y, x). A 2D configuration's ``patch_size`` is (y, x).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from planning.hashing import hash_json
+
+PLANS_SCHEMA_VERSION = 1
+CONFIGURATION_NAMES = ("2d", "2.5d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+class PlansFormatError(ValueError):
+    """plans.json is malformed; the message names the file and the command that makes it."""
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """CT normalisation: clip to [clip_low, clip_high] HU, then (x - mean) / std."""
+
+    scheme: str  # "ct"
+    clip_low: float
+    clip_high: float
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    network_dims: int  # 2 or 3
+    data_identifier: str  # preprocessed folder: "fullres" or "lowres"
+    spacing: tuple[float, float, float]  # target spacing (z, y, x) mm of the data folder
+    median_shape: tuple[int, int, int]  # median case shape at that spacing (z, y, x)
+    patch_size: tuple[int, ...]  # (y, x) or (z, y, x)
+    batch_size: int
+    n_stages: int
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]  # per stage
+    strides: tuple[tuple[int, ...], ...]  # per stage; the first is all ones
+    in_slices: int = 1  # 2.5d: adjacent slices given as channels
+    previous_stage: str | None = None  # cascade: the configuration whose prediction is input
+    estimated_memory_gb: float = 0.0  # analytic training-memory estimate at this batch size
+    extra: dict = field(default_factory=dict)  # free-form notes (rules applied, reasons)
+
+
+@dataclass(frozen=True)
+class Plans:
+    dataset_name: str
+    fingerprint_hash: str
+    device: str  # "gpu" or "cpu": what the memory budget refers to
+    memory_budget_gb: float
+    labels: dict[str, int]
+    normalisation: Normalisation
+    data_spacings: dict[str, tuple[float, float, float]]  # data_identifier -> spacing
+    configurations: dict[str, Configuration]
+    schema_version: int = PLANS_SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["plans_hash"] = hash_json({k: v for k, v in d.items() if k != "plans_hash"})
+        return d
+
+    @property
+    def plans_hash(self) -> str:
+        return self.to_json()["plans_hash"]
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "plans.json") -> "Plans":
+        fix = "re-run `autoliver plan` or `autoliver plan_and_preprocess` to rebuild it"
+        if not isinstance(d, dict):
+            raise PlansFormatError(f"{source}: not a JSON object; {fix}")
+        if d.get("schema_version") != PLANS_SCHEMA_VERSION:
+            raise PlansFormatError(f"{source}: schema_version {d.get('schema_version')!r}, expected {PLANS_SCHEMA_VERSION}; {fix}")
+        try:
+            configs = {}
+            for name, c in d["configurations"].items():
+                c = dict(c)
+                c["spacing"] = tuple(c["spacing"])
+                c["median_shape"] = tuple(c["median_shape"])
+                c["patch_size"] = tuple(c["patch_size"])
+                c["features_per_stage"] = tuple(c["features_per_stage"])
+                c["kernel_sizes"] = tuple(tuple(k) for k in c["kernel_sizes"])
+                c["strides"] = tuple(tuple(s) for s in c["strides"])
+                configs[name] = Configuration(**c)
+            return cls(
+                dataset_name=d["dataset_name"],
+                fingerprint_hash=d["fingerprint_hash"],
+                device=d["device"],
+                memory_budget_gb=float(d["memory_budget_gb"]),
+                labels={str(k): int(v) for k, v in d["labels"].items()},
+                normalisation=Normalisation(**d["normalisation"]),
+                data_spacings={k: tuple(v) for k, v in d["data_spacings"].items()},
+                configurations=configs,
+                schema_version=d["schema_version"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlansFormatError(f"{source}: malformed ({type(exc).__name__}: {exc}); {fix}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plans":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PlansFormatError(f"{path}: not found; run `autoliver plan_and_preprocess` first") from None
+        except json.JSONDecodeError as exc:
+            raise PlansFormatError(f"{path}: not valid JSON ({exc}); re-run `autoliver plan` to rebuild it") from None
+        return cls.from_json(d, str(path))
