@@ -124,9 +124,14 @@ def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Im
         ) from None
 
 
-def read_header(path: str | os.PathLike) -> tuple[Geometry, int, str]:
-    """Geometry, dimension and pixel type of a file without reading its voxels."""
+def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, str]:
+    """Geometry (None unless 3D), dimension and pixel type of a file without reading its voxels.
+
+    A multi-component image reports a pixel type starting with "vector of".
+    """
     path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
     if path.is_dir():
         image = read_sitk(path)
         return Geometry.of(image) if image.GetDimension() == 3 else None, image.GetDimension(), image.GetPixelIDTypeAsString()
@@ -145,7 +150,7 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry, int, str]:
             origin=tuple(float(v) for v in reader.GetOrigin()),
             direction=tuple(float(v) for v in reader.GetDirection()),
         )
-    return geom, dim, reader.GetPixelIDTypeAsString()
+    return geom, dim, sitk.GetPixelIDValueAsString(reader.GetPixelID())
 
 
 def read_image(path: str | os.PathLike, series_uid: str | None = None, dtype=None) -> tuple[np.ndarray, Geometry]:
