@@ -16,6 +16,7 @@ log = logging.getLogger("autoliver")
 
 WORKSPACE_ENV = "AUTOLIVER_WORKSPACE"
 DEFAULT_WORKSPACE = "autoliver_workspace"
+WORKSPACE_HELP = f"workspace root (raw/, preprocessed/, results/); default ${WORKSPACE_ENV}, else ./{DEFAULT_WORKSPACE}"
 
 
 def _workspace(args: argparse.Namespace):
@@ -106,7 +107,7 @@ def cmd_example_dataset(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, jobs: bool = True) -> None:
-    p.add_argument("--workspace", help=f"workspace root (raw/, preprocessed/, results/); default ${WORKSPACE_ENV}, else ./{DEFAULT_WORKSPACE}")
+    p.add_argument("--workspace", default=argparse.SUPPRESS, help=WORKSPACE_HELP)
     if jobs:
         p.add_argument("-np", type=int, default=_default_jobs(), help="parallel worker processes (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (batch jobs)")
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoliver {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--workspace", default=None, help=WORKSPACE_HELP + " (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a raw dataset and list every problem", description="Check a raw dataset (nnU-Net v2 layout) and list every problem at once; writes nothing.")

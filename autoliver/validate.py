@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import SimpleITK as sitk
 from autoliver.errors import DatasetError
 from autoliver.io.dataset import Case, RawDataset, discover
 from autoliver.io.images import Geometry, read_header, read_sitk
+from autoliver.io.nifti_raw import nifti_header_spacing, nifti_nonfinite_count
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +57,31 @@ def _header_problems(path: Path) -> tuple[Geometry | None, list[str]]:
     if dim != 3:
         problems.append(f"{path}: is a {dim}D image; every file must be one 3D volume (stack 2D slices into a volume, split 4D series into 3D files)")
         return None, problems
-    bad = [s for s in geom.spacing if not (math.isfinite(s) and s > 0)]
-    if bad:
-        problems.append(f"{path}: spacing {geom.spacing} (z, y, x mm) is zero, negative or NaN; fix the file's header (voxel size) before using it")
+    raw = nifti_header_spacing(path)  # ITK reads a zero/NaN NIfTI pixdim as 1.0: look at the header
+    spacing = geom.spacing if raw is None else tuple(reversed(raw[:3]))
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        problems.append(f"{path}: spacing {spacing} (z, y, x mm) is zero, negative or NaN; fix the file's header (voxel size) before using it")
     return (None if problems else geom), problems
 
 
-def _nonfinite_count(array: np.ndarray) -> int:
+def _nonfinite_count(path: Path, array: np.ndarray) -> int:
+    """NaN/Inf voxels of ``path`` (read as ``array``). ITK reads NIfTI NaN/Inf as 0, so for NIfTI
+    files the raw voxel bytes are scanned instead."""
     if not np.issubdtype(array.dtype, np.floating):
         return 0
+    raw = nifti_nonfinite_count(path)
+    if raw is not None:
+        return raw
     flat = array.reshape(-1)
     return int(sum(np.count_nonzero(~np.isfinite(flat[i : i + _SLAB_VOXELS])) for i in range(0, flat.size, _SLAB_VOXELS)))
 
 
-def _read_voxels(path: Path) -> tuple[np.ndarray | None, list[str]]:
+def _read_voxels(path: Path) -> tuple[sitk.Image | None, list[str]]:
+    """The whole image (voxels read: a truncated or corrupt file fails here), or its problems."""
     try:
-        image = read_sitk(path)
+        return read_sitk(path), []
     except DatasetError as exc:
         return None, list(exc.problems)
-    return sitk.GetArrayFromImage(image), []
 
 
 def _geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry, tol: Tolerances) -> list[str]:
@@ -93,7 +101,7 @@ def _geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry
 
 def _label_value_problems(path: Path, array: np.ndarray, declared: set[int]) -> list[str]:
     if np.issubdtype(array.dtype, np.floating):
-        n_bad = _nonfinite_count(array)
+        n_bad = _nonfinite_count(path, array)
         if n_bad:
             return [f"{path}: label map holds {n_bad} NaN/Inf voxels; labels must be integers: re-export it as uint8"]
         values = np.unique(array)
@@ -116,28 +124,28 @@ def _label_value_problems(path: Path, array: np.ndarray, declared: set[int]) -> 
 def _check_case(case: Case, declared: set[int], root: Path, tol: Tolerances, is_test: bool) -> list[str]:
     """Every problem of one case (its image channels and, for training cases, its label)."""
     problems: list[str] = []
-    root = root.resolve()
+    root = Path(os.path.abspath(root))
     ref: tuple[Path, Geometry] | None = None
     for path in case.images:
-        if not Path(path).resolve().is_relative_to(root):
+        if not Path(os.path.abspath(path)).is_relative_to(root):
             continue  # reported by discover; never read files outside the dataset
         geom, more = _header_problems(path)
         problems += more
         if geom is None:
             continue
-        array, more = _read_voxels(path)
+        image, more = _read_voxels(path)
         problems += more
-        if array is None:
+        if image is None:
             continue
-        n_bad = _nonfinite_count(array)
+        n_bad = _nonfinite_count(path, sitk.GetArrayViewFromImage(image))
         if n_bad:
             problems.append(f"{path}: {n_bad} NaN/Inf voxels; replace them (e.g. with the scan's minimum HU) and re-export")
-        del array
+        del image
         if ref is None:
             ref = (path, geom)
         else:
             problems += _geometry_mismatch(ref[0], ref[1], path, geom, tol)
-    if is_test or case.label is None or not Path(case.label).resolve().is_relative_to(root):
+    if is_test or case.label is None or not Path(os.path.abspath(case.label)).is_relative_to(root):
         return problems
     geom, more = _header_problems(case.label)
     problems += more
@@ -145,10 +153,10 @@ def _check_case(case: Case, declared: set[int], root: Path, tol: Tolerances, is_
         return problems
     if ref is not None:
         problems += _geometry_mismatch(ref[0], ref[1], case.label, geom, tol)
-    array, more = _read_voxels(case.label)
+    image, more = _read_voxels(case.label)
     problems += more
-    if array is not None:
-        problems += _label_value_problems(case.label, array, declared)
+    if image is not None:
+        problems += _label_value_problems(case.label, sitk.GetArrayViewFromImage(image), declared)
     return problems
 
 
@@ -180,7 +188,7 @@ def validate_dataset(
     jobs = [(c, False) for c in dataset.training] + [(c, True) for c in dataset.test]
     log.info("validating %s: %d training and %d test cases", root, len(dataset.training), len(dataset.test))
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=f"validate {root.name}", unit="case", disable=not progress)
     if n_jobs == 1 or len(jobs) <= 1:

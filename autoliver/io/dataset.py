@@ -13,6 +13,7 @@ every problem found, so ``validate`` can report them all at once.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,10 @@ def load_dataset_json(root: Path) -> tuple[dict | None, list[str]]:
 
 
 def _inside(root: Path, rel: str) -> tuple[Path, bool]:
-    path = (root / rel).resolve()
-    return path, path.is_relative_to(root.resolve())
+    """Absolute path of ``rel`` and whether it stays inside ``root``. The test is lexical ("../"
+    escapes), so files symlinked into the dataset folder are accepted."""
+    path = Path(os.path.abspath(root / rel))
+    return path, path.is_relative_to(os.path.abspath(root))
 
 
 def _from_explicit_list(root: Path, entries: dict) -> tuple[list[Case], list[str]]:

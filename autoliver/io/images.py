@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +19,12 @@ import SimpleITK as sitk
 
 from autoliver.errors import ImageReadError
 from autoliver.io.atomic import atomic_path
+from autoliver.io.nifti_raw import check_nifti_complete
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DETACHED_SUFFIXES = (".nhdr", ".mhd")  # a header file plus a separate data file
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,15 @@ def dicom_series_files(folder: str | os.PathLike, series_uid: str | None = None)
 
 
 def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
-    """Read a file or a DICOM series folder into a SimpleITK image; clear error on failure."""
+    """Read a file or a DICOM series folder into a SimpleITK image; clear error on failure.
+
+    A truncated NIfTI file is an error too (see ``check_nifti_complete``).
+    """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
+    if path.is_file():
+        check_nifti_complete(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -177,5 +186,21 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
         raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
     image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
     suffix = image_suffix(path) or ""
+    if suffix in DETACHED_SUFFIXES:
+        _write_detached(Path(path), image, compress)
+        return
     with atomic_path(path, suffix=suffix) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
+
+
+def _write_detached(path: Path, image: sitk.Image, compress: bool) -> None:
+    """Header + data file formats (.mhd, .nhdr): the header names its data file, so both are
+    written under their final names in a temporary folder, then moved, data first, header last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(tmp_dir / path.name), compress)
+        for produced in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(produced, path.parent / produced.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Preprocessing: crop to body, normalise, resample, store; and map predictions back."""
