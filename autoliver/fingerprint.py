@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
-from tqdm import tqdm
 
 from autoliver.errors import DatasetError
+from autoliver.parallel import parallel_map
 from autoliver.io.dataset import DATASET_JSON, Case, RawDataset
 from autoliver.io.images import read_image
 from planning.fingerprint import analyse_case, reduce_fingerprint
@@ -65,15 +64,9 @@ def extract_fingerprint(
     if not cases:
         raise DatasetError(f"{dataset.root}: no training cases; add images to imagesTr and labels to labelsTr")
     log.info("fingerprint: %d cases, %d job(s), seed %d", len(cases), n_jobs, seed)
-    if n_jobs == 1:
-        results_iter = (_analyse_one(c, seed, i, samples_per_class) for i, c in enumerate(cases))
-    else:
-        jobs = (delayed(_analyse_one)(c, seed, i, samples_per_class) for i, c in enumerate(cases))
-        results_iter = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(jobs)
-    results = {}
-    bar = tqdm(results_iter, total=len(cases), desc="fingerprint", unit="case", disable=not progress)
-    for case, result in zip(cases, bar):
-        results[case.case_id] = result
+    args = [(c, seed, i, samples_per_class) for i, c in enumerate(cases)]
+    results_iter = parallel_map(_analyse_one, args, n_jobs=n_jobs, progress=progress, desc="fingerprint")
+    results = {case.case_id: result for case, result in zip(cases, results_iter)}
     fingerprint = reduce_fingerprint(results, dataset.dataset_json, dataset.name, dataset_input_hash(dataset))
     fingerprint["seed"] = int(seed)
     fingerprint["samples_per_class"] = int(samples_per_class)

@@ -29,6 +29,7 @@ from autoliver.errors import DatasetError
 from autoliver.io.dataset import Case, RawDataset, discover
 from autoliver.io.images import Geometry, read_header, read_sitk
 from autoliver.io.nifti_raw import nifti_header_spacing, nifti_nonfinite_count
+from autoliver.parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -188,23 +189,8 @@ def validate_dataset(
     jobs = [(c, False) for c in dataset.training] + [(c, True) for c in dataset.test]
     log.info("validating %s: %d training and %d test cases", root, len(dataset.training), len(dataset.test))
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc=f"validate {root.name}", unit="case", disable=not progress)
-    if n_jobs == 1 or len(jobs) <= 1:
-        results = []
-        for case, is_test in jobs:
-            results.append(_check_case(case, declared, root, tol, is_test))
-            bar.update()
-    else:
-        from joblib import Parallel, delayed
-
-        results = []
-        parallel = Parallel(n_jobs=min(n_jobs, len(jobs)), return_as="generator")
-        for res in parallel(delayed(_check_case)(case, declared, root, tol, is_test) for case, is_test in jobs):
-            results.append(res)
-            bar.update()
-    bar.close()
+    args = [(case, declared, root, tol, is_test) for case, is_test in jobs]
+    results = parallel_map(_check_case, args, n_jobs=n_jobs, progress=progress, desc=f"validate {root.name}")
     for res in results:
         problems += res
     if problems:

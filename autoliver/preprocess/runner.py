@@ -19,13 +19,12 @@ import time
 import zlib
 from pathlib import Path
 
-from joblib import Parallel, delayed
-from tqdm import tqdm
 
 from autoliver.io.atomic import write_json
 from autoliver.io.dataset import Case, RawDataset
 from autoliver.io.images import read_image
 from autoliver.preprocess.case import iter_preprocessed
+from autoliver.parallel import parallel_map
 from autoliver.preprocess.storage import case_done, list_cases, load_properties, save_case
 from planning.plans import Plans
 
@@ -94,19 +93,10 @@ def preprocess_dataset(dataset: RawDataset, plans: Plans, out_root: Path, data_i
         (out_root / ident).mkdir(parents=True, exist_ok=True)
 
     timings, peaks = {}, []
-    jobs = (delayed(_process_case)(case, plans_json, out_root, identifiers) for case in todo)
-    if n_jobs == 1 or len(todo) <= 1:
-        results = (fn(*a, **k) for fn, a, k in jobs)
-    else:
-        results = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(jobs)
-    bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress)
-    try:
-        for case_id, seconds, peak in results:
-            timings[case_id] = round(seconds, 3)
-            peaks.append(peak)
-            bar.update(1)
-    finally:
-        bar.close()
+    args = [(case, plans_json, out_root, identifiers) for case in todo]
+    for case_id, seconds, peak in parallel_map(_process_case, args, n_jobs=n_jobs, progress=progress, desc="preprocess", ordered=False):
+        timings[case_id] = round(seconds, 3)
+        peaks.append(peak)
 
     training_ids = [c.case_id for c in dataset.training]
     for ident in identifiers:
