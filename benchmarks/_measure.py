@@ -10,9 +10,10 @@ descendants, because tools like nnU-Net do the work in worker processes:
   their users), the closer estimate of the RAM the tree occupies; None where unavailable;
 - ``peak_single_rss``: the largest RSS of any one process at any poll.
 
-Polling can miss a spike shorter than ``poll_s``. CPU time is the user + system time of
-all descendants that were waited for (from getrusage), which covers worker processes that
-their parents joined.
+Polling can miss a spike shorter than ``poll_s``. CPU time (user + system) is the larger of
+two estimates: getrusage of the descendants that were waited for (covers worker processes
+their parents joined), and the sum over every process seen of its last polled CPU time (covers
+workers never joined, misses at most ``poll_s`` of each process's final work).
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def _memory(proc: psutil.Process, with_pss: bool) -> tuple[int, int | None]:
         return 0, None
 
 
+def _cpu_s(proc: psutil.Process) -> tuple[tuple[int, float], float] | None:
+    """((pid, create time), user + system CPU seconds) of one process, or None if it is gone."""
+    try:
+        t = proc.cpu_times()
+        return (proc.pid, proc.create_time()), t.user + t.system
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -92,6 +102,7 @@ def measure_command(
     cpu0 = _children_cpu_s()
     peak_rss = peak_single = max_procs = 0
     peak_pss: int | None = 0 if with_pss else None
+    cpu_seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> last CPU seconds
     start = time.perf_counter()
     try:
         popen = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -99,6 +110,8 @@ def measure_command(
         while True:
             procs = _tree(root)
             mems = [_memory(p, with_pss) for p in procs]
+            for seen in filter(None, map(_cpu_s, procs)):
+                cpu_seen[seen[0]] = seen[1]
             rss = [m[0] for m in mems]
             if rss:
                 peak_rss = max(peak_rss, sum(rss))
@@ -130,7 +143,7 @@ def measure_command(
         command=tuple(str(c) for c in command),
         returncode=int(popen.returncode),
         wall_s=wall,
-        cpu_s=_children_cpu_s() - cpu0,
+        cpu_s=max(_children_cpu_s() - cpu0, sum(cpu_seen.values())),
         peak_tree_rss=peak_rss,
         peak_tree_pss=peak_pss,
         peak_single_rss=peak_single,

@@ -156,7 +156,7 @@ def _result(m: RunMeasurement, output: Path) -> dict:
 
 METRICS = (
     ("wall time", "wall_s", lambda v: f"{v:.1f} s"),
-    ("CPU time (waited children)", "cpu_s", lambda v: f"{v:.1f} s"),
+    ("CPU time, process tree", "cpu_s", lambda v: f"{v:.1f} s"),
     ("peak RSS, process tree sum", "peak_tree_rss", human_bytes),
     ("peak PSS, process tree sum", "peak_tree_pss", human_bytes),
     ("peak RSS, single process", "peak_single_rss", human_bytes),

@@ -43,3 +43,17 @@ def test_artefact_folders_live_under_workspace(tmp_path):
     ws = Workspace(tmp_path)
     assert ws.preprocessed("Dataset003_Liver") == tmp_path / "preprocessed" / "Dataset003_Liver"
     assert ws.results("Dataset003_Liver") == tmp_path / "results" / "Dataset003_Liver"
+
+
+def test_atomic_writes_get_default_permissions(tmp_path):
+    import os
+
+    from autoliver.io.atomic import write_json
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
