@@ -7,14 +7,16 @@ preprocessed folder the plans'. A stale artefact is rebuilt (fingerprint) or ref
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoliver.errors import DatasetError, MissingArtefactError, PlanError
+from autoliver.errors import DatasetError, MissingArtefactError, PlanError, StaleArtefactError
 from autoliver.io.atomic import write_json
 from autoliver.io.dataset import RawDataset
+from autoliver.train.options import TrainOptions
 from autoliver.workspace import DATASET_NAME_RE, Workspace, resolve_dataset
 from planning.plans import CONFIGURATION_NAMES, Plans
 
@@ -174,9 +176,94 @@ def plan_and_preprocess(
     return summary
 
 
+def _preprocessed_dataset_name(spec: str | Path, workspace: Workspace) -> str:
+    """A dataset given by name, numeric id or raw folder -> its name under preprocessed/."""
+    spec_str = str(spec)
+    pre_root = workspace.root / "preprocessed"
+    if (pre_root / spec_str).is_dir():
+        return spec_str
+    if spec_str.isdigit() and pre_root.is_dir():
+        matches = [p.name for p in sorted(pre_root.iterdir()) if (m := DATASET_NAME_RE.match(p.name)) and int(m["id"]) == int(spec_str)]
+        if len(matches) == 1:
+            return matches[0]
+    return resolve_dataset(spec, workspace).name
+
+
+def train(dataset_spec: str | Path, configuration: str, fold: int | str, workspace: Workspace, options: TrainOptions | None = None,
+          dist=None, components=None):
+    """Train one fold of one configuration; returns the trainer's TrainResult.
+
+    Reads plans.json and the configuration's preprocessed folder; writes
+    ``results/<dataset>/<configuration>/fold_<k>/`` (checkpoints, log.jsonl, progress.png,
+    validation/, metrics.json) and ``results/<dataset>/splits.json`` on first use.
+    ``options`` is a ``TrainOptions``; ``dist`` a ``DistContext`` (torchrun); ``components``
+    replaces the network/loader factories (tests, other families).
+    """
+    from autoliver.data.loader import default_pad_value
+    from autoliver.preprocess.runner import DATASET_PROPERTIES
+    from autoliver.train.distributed import SINGLE
+    from autoliver.train.splits import fold_cases, holding_fold, load_or_create_splits
+    from autoliver.train.trainer import FoldSetup, Trainer
+
+    options = options or TrainOptions()
+    name = _preprocessed_dataset_name(dataset_spec, workspace)
+    plans = load_plans(workspace, name)
+    plans_path = workspace.preprocessed(name) / "plans.json"
+    if configuration not in plans.configurations:
+        hint = " (3d_lowres and 3d_cascade_fullres are planned only for images much larger than the patch)" if configuration in ("3d_lowres", "3d_cascade_fullres") else ""
+        raise PlanError(f"configuration {configuration!r} not in {plans_path}; planned: {', '.join(plans.configurations)}{hint}")
+    if fold != "all" and not (isinstance(fold, int) and 0 <= fold):
+        raise ValueError(f"fold must be 0..4 or 'all', got {fold!r}")
+    config = plans.configurations[configuration]
+    data_folder = workspace.preprocessed(name) / config.data_identifier
+    props_path = data_folder / DATASET_PROPERTIES
+    make = f"run `autoliver plan_and_preprocess {name} -c {configuration}`"
+    if not props_path.is_file():
+        raise MissingArtefactError(f"{props_path}: not found; {make}")
+    props = json.loads(props_path.read_text(encoding="utf-8"))
+    if any(abs(float(a) - float(b)) > 1e-6 * max(1.0, abs(float(b))) for a, b in zip(props.get("spacing", []), config.spacing)):
+        raise StaleArtefactError(f"{data_folder}: preprocessed at spacing {props.get('spacing')} mm but {plans_path} asks for {list(config.spacing)}; {make} --overwrite")
+    cases = [c for c in props.get("cases", []) if (data_folder / f"{c}_seg.b2nd").is_file()]
+    if not cases:
+        raise MissingArtefactError(f"{data_folder}: no preprocessed case with a label; {make}")
+    results = workspace.results(name)
+    splits, splits_path = load_or_create_splits(results, cases, options.splits_file)
+    if fold != "all" and fold >= len(splits):
+        raise ValueError(f"fold {fold}: {splits_path} has {len(splits)} folds (0..{len(splits) - 1})")
+    train_cases, val_cases = fold_cases(splits, fold, cases)
+
+    prev_folder = None
+    if config.previous_stage:
+        prev_folder = results / config.previous_stage / "predicted_next_stage"
+        missing = [c for c in cases if not (prev_folder / f"{c}.b2nd").is_file()]
+        if missing:
+            folds = sorted({str(holding_fold(splits, c)) for c in missing})
+            raise MissingArtefactError(
+                f"{prev_folder}: the {config.previous_stage} predictions of {len(missing)} case(s) ({', '.join(missing[:5])}) are missing; "
+                f"run `autoliver train -d {name} {config.previous_stage} FOLD` for fold(s) {', '.join(folds)} first")
+    next_stage = None
+    for other in plans.configurations.values():
+        if other.previous_stage == configuration:
+            full_folder = workspace.preprocessed(name) / other.data_identifier
+            if (full_folder / DATASET_PROPERTIES).is_file():
+                next_stage = (full_folder, results / configuration / "predicted_next_stage")
+            else:
+                log.warning("%s not preprocessed: %s predictions for %s will not be written", full_folder, configuration, other.name)
+    labels = sorted(plans.labels.items(), key=lambda kv: kv[1])
+    setup = FoldSetup(
+        dataset=name, config=config, plans_hash=plans.plans_hash, fold=fold, data_folder=data_folder,
+        output_dir=results / configuration / f"fold_{fold}", train_cases=tuple(train_cases), val_cases=tuple(val_cases),
+        class_names=tuple(k for k, _ in labels), arch=options.arch or config.extra.get("arch", "unet"),
+        prev_stage_folder=prev_folder, next_stage=next_stage, pad_value=default_pad_value(data_folder),
+    )
+    log.info("%s %s fold %s: %d training, %d validation cases, network %s", name, configuration, fold, len(train_cases), len(val_cases), setup.arch)
+    return Trainer(setup, options, dist or SINGLE, components).run()
+
+
 __all__ = [
     "CONFIGURATION_NAMES",
     "StageOptions",
+    "TrainOptions",
     "validate",
     "convert",
     "fingerprint",
@@ -184,4 +271,5 @@ __all__ = [
     "write_plans",
     "load_plans",
     "plan_and_preprocess",
+    "train",
 ]

@@ -106,6 +106,64 @@ def cmd_example_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dist_context():
+    """torchrun's rank variables, when present, as a DistContext (None for a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from autoliver.train.distributed import DistContext
+
+    return DistContext(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(os.environ.get("MASTER_PORT", "29500")),
+    )
+
+
+def _fold(text: str):
+    if text == "all":
+        return "all"
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"FOLD must be 0..4 or 'all', got {text!r}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from autoliver import api
+    from autoliver.train.options import TrainOptions
+
+    options = TrainOptions(
+        epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch,
+        val_iters=args.val_iters,
+        device=args.device,
+        resume=args.resume,
+        arch=args.arch,
+        splits_file=Path(args.splits).expanduser().resolve() if args.splits else None,
+        seed=args.seed,
+        budget_minutes=args.budget_minutes,
+        n_workers=args.workers,
+        progress=not args.no_progress,
+        amp=not args.no_amp,
+        cpu_bf16=args.cpu_bf16,
+        final_validation=not args.no_validation,
+        threads=args.threads,
+    )
+    dist = _dist_context()
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    result = api.train(args.dataset, args.configuration, args.fold, _workspace(args), options, dist=dist)
+    if dist is None or dist.is_main:
+        print(f"trained {result.epochs} epoch(s): {result.output_dir}")
+        if result.metrics:
+            mean = result.metrics["mean"]
+            print(f"validation ({result.metrics['n_cases']} cases): liver Dice {mean['liver']:.4f}, tumour Dice {mean['tumour']:.4f}")
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser, jobs: bool = True) -> None:
     p.add_argument("--workspace", default=argparse.SUPPRESS, help=WORKSPACE_HELP)
     if jobs:
@@ -168,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planning(p)
     _add_common(p)
     p.set_defaults(func=cmd_plan_and_preprocess)
+
+    p = sub.add_parser("train", help="train one fold of one configuration", description="Train a configuration's network on one cross-validation fold (or on every case: fold 'all'), then validate it on the fold's held-out cases. Start with torchrun for several processes/devices.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or numeric id (as preprocessed)")
+    p.add_argument("configuration", metavar="CONFIG", help="2d, 2.5d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
+    p.add_argument("fold", metavar="FOLD", type=_fold, help="0..4, or 'all' to train on every case")
+    p.add_argument("--epochs", type=int, default=1000, help="epochs to train (default: %(default)s); with --continue, more than before extends training")
+    p.add_argument("--iters-per-epoch", type=int, default=250, help="training iterations per epoch (default: %(default)s)")
+    p.add_argument("--val-iters", type=int, default=50, help="validation batches per epoch for the pseudo-Dice (default: %(default)s)")
+    p.add_argument("--budget-minutes", type=float, metavar="M", help="train for M minutes of wall-clock time: epochs are fitted to the measured speed (--epochs is then an upper bound)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto takes the GPU when there is one (default: %(default)s)")
+    p.add_argument("--continue", dest="resume", action="store_true", help="resume from the fold's latest checkpoint")
+    p.add_argument("--arch", help="network family (default: the plan's, else unet)")
+    p.add_argument("--splits", metavar="FILE", help="custom (e.g. patient-grouped) splits: a JSON list of {train: [...], val: [...]}")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("-np", "--workers", type=int, default=min(4, _default_jobs()), help="data-loading worker processes, 0: in the main process (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-amp", action="store_true", help="full float32 on CUDA (default: mixed precision)")
+    p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on the CPU")
+    p.add_argument("--no-validation", action="store_true", help="skip the end-of-fold validation of the held-out cases")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
