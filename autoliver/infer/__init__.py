@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction (shared by training validation and prediction)."""

@@ -1,0 +1,191 @@
+"""Sliding-window prediction with Gaussian importance weighting.
+
+Array layout: an image is (C, *spatial) with spatial (Z, Y, X) or (Y, X); a batch of images
+that share one tiling is (N, C, *spatial). The window visits positions spaced by at most
+``step`` x patch along each axis, the last one flush with the far border, so every voxel is
+covered. Each tile's output is multiplied by a Gaussian centred on the tile (sigma = patch/8,
+peak 1, floored at its smallest non-zero value so that no voxel gets weight 0) and the sum is
+divided by the summed weights. Inputs smaller than the patch are padded with ``pad_value``
+(use the value the training loader pads with: the normalised air level) and the output
+cropped back.
+
+The predictor is any callable from (B, C, *patch) to (B, n_classes, *patch): a network in
+eval mode, an ensemble, a mirroring wrapper. Tiles are computed on ``device`` and stitched on
+the image's own device in float32, so a GPU computes while the volume stays in host memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def tile_starts(size: int, patch: int, step: float) -> list[int]:
+    """Start indices along one axis: evenly spread, at most ``step * patch`` apart, covering [0, size)."""
+    if patch <= 0 or size <= 0:
+        raise ValueError(f"size and patch must be positive, got {size}, {patch}")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / (patch * step)) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
+
+
+def gaussian_weights(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """Gaussian importance map of ``patch_size`` (float32, peak 1, no zeros)."""
+    axes = []
+    for p in patch_size:
+        x = torch.arange(p, dtype=torch.float64) - (p - 1) / 2.0
+        sigma = max(p * sigma_scale, 1e-3)
+        axes.append(torch.exp(-0.5 * (x / sigma) ** 2))
+    g = axes[0]
+    for a in axes[1:]:
+        g = g[..., None] * a
+    g = g / g.max()
+    g = torch.clamp(g, min=float(g[g > 0].min()))
+    return g.to(torch.float32)
+
+
+def _pad_to(images: torch.Tensor, patch: Sequence[int], value: float | Sequence[float] = 0.0) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial axes of (N, C, *spatial) up to ``patch``, centred, with ``value`` (one
+    number, or one per channel); return the padded tensor and the crop that undoes it."""
+    spatial = images.shape[2:]
+    pads, crop = [], []
+    for s, p in zip(spatial, patch):
+        total = max(0, p - s)
+        lo = total // 2
+        pads.append((lo, total - lo))
+        crop.append(slice(lo, lo + s))
+    if not any(lo or hi for lo, hi in pads):
+        return images, tuple(crop)
+    flat = [v for lo_hi in reversed(pads) for v in lo_hi]  # F.pad wants the last axis first
+    if isinstance(value, (int, float)):
+        return F.pad(images, flat, mode="constant", value=float(value)), tuple(crop)
+    v = torch.as_tensor(list(value), dtype=images.dtype, device=images.device)
+    if v.numel() != images.shape[1]:
+        raise ValueError(f"pad_value has {v.numel()} entries for {images.shape[1]} channels")
+    v = v.reshape(1, -1, *([1] * len(spatial)))
+    return F.pad(images - v, flat, mode="constant", value=0.0) + v, tuple(crop)
+
+
+def sliding_window_predict_batch(
+    predictor: Predictor,
+    images: torch.Tensor,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    n_classes: int = 3,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    gaussian: bool = True,
+    tiles_per_call: int = 1,
+    pad_value: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """Predict (N, C, *spatial) -> (N, n_classes, *spatial) float32, all N images tiled alike.
+
+    Each predictor call gets ``tiles_per_call`` tile positions x N images.
+    """
+    if images.ndim != len(patch_size) + 2:
+        raise ValueError(f"images must be (N, C, *spatial) with {len(patch_size)} spatial axes for patch {tuple(patch_size)}, got shape {tuple(images.shape)}")
+    if tiles_per_call < 1:
+        raise ValueError(f"tiles_per_call must be >= 1, got {tiles_per_call}")
+    patch = tuple(int(p) for p in patch_size)
+    device = torch.device(device) if device is not None else images.device
+    padded, crop = _pad_to(images, patch, pad_value)
+    n = padded.shape[0]
+    spatial = padded.shape[2:]
+    stitch = padded.device
+    out = torch.zeros((n, n_classes, *spatial), dtype=torch.float32, device=stitch)
+    norm = torch.zeros(spatial, dtype=torch.float32, device=stitch)
+    weight = gaussian_weights(patch) if gaussian else torch.ones(patch, dtype=torch.float32)
+    weight_dev = weight.to(device)
+    weight = weight.to(stitch)
+    positions = list(itertools.product(*(tile_starts(s, p, step) for s, p in zip(spatial, patch))))
+    for i in range(0, len(positions), tiles_per_call):
+        chunk = positions[i : i + tiles_per_call]
+        slices = [tuple(slice(s, s + p) for s, p in zip(pos, patch)) for pos in chunk]
+        tiles = torch.cat([padded[(slice(None), slice(None), *sl)] for sl in slices]).to(device=device, dtype=dtype)
+        pred = predictor(tiles)
+        if tuple(pred.shape) != (len(chunk) * n, n_classes, *patch):
+            raise ValueError(f"predictor returned shape {tuple(pred.shape)}, expected {(len(chunk) * n, n_classes, *patch)}")
+        pred = (pred.float() * weight_dev).to(stitch)
+        for k, sl in enumerate(slices):
+            out[(slice(None), slice(None), *sl)] += pred[k * n : (k + 1) * n]
+            norm[sl] += weight
+    out /= norm
+    return out[(slice(None), slice(None), *crop)]
+
+
+def sliding_window_predict(
+    predictor: Predictor,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    n_classes: int = 3,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    gaussian: bool = True,
+    tiles_per_call: int = 1,
+    pad_value: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """Predict one image (C, *spatial) -> (n_classes, *spatial) float32 (Gaussian-weighted mean
+    of the predictor's outputs: logits or probabilities, whichever it returns)."""
+    if image.ndim != len(patch_size) + 1:
+        raise ValueError(f"image must be (C, *spatial) with {len(patch_size)} spatial axes for patch {tuple(patch_size)}, got shape {tuple(image.shape)}")
+    return sliding_window_predict_batch(predictor, image[None], patch_size, step, n_classes, device, dtype, gaussian, tiles_per_call, pad_value)[0]
+
+
+def stack_slices(volume: torch.Tensor, z: Sequence[int], k: int) -> torch.Tensor:
+    """(C, Z, Y, X) -> (len(z), C * k, Y, X): for each slice index the k slices centred on it,
+    as channels (channel-major: all k slices of channel 0 first), edges replicated."""
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"k must be a positive odd number of slices, got {k}")
+    half = k // 2
+    n_z = volume.shape[1]
+    idx = torch.tensor([[min(max(i + d, 0), n_z - 1) for d in range(-half, half + 1)] for i in z], dtype=torch.long)
+    stacked = volume[:, idx]  # (C, len(z), k, Y, X)
+    return stacked.permute(1, 0, 2, 3, 4).reshape(len(z), volume.shape[0] * k, *volume.shape[2:])
+
+
+def predict_slicewise(
+    predictor: Predictor,
+    volume: torch.Tensor,
+    patch_size: Sequence[int],
+    in_slices: int = 1,
+    extra: torch.Tensor | None = None,
+    slices_per_call: int = 8,
+    step: float = 0.5,
+    n_classes: int = 3,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    gaussian: bool = True,
+    pad_value: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """A 2D predictor over a volume: (C, Z, Y, X) -> (n_classes, Z, Y, X) float32.
+
+    Slices go through the 2D sliding window ``slices_per_call`` at a time; with ``in_slices``
+    = k > 1 (2.5d) each slice's input is the k slices around it. ``extra`` (E, Z, Y, X) adds
+    per-slice channels after the image channels (a previous stage's one-hot prediction).
+    """
+    if volume.ndim != 4 or len(patch_size) != 2:
+        raise ValueError(f"expected a (C, Z, Y, X) volume and a (Y, X) patch, got {tuple(volume.shape)} and {tuple(patch_size)}")
+    n_z = volume.shape[1]
+    out = torch.empty((n_classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
+    for z0 in range(0, n_z, slices_per_call):
+        zs = list(range(z0, min(n_z, z0 + slices_per_call)))
+        batch = stack_slices(volume, zs, in_slices)
+        pads = pad_value
+        if extra is not None:
+            batch = torch.cat([batch, extra[:, zs].permute(1, 0, 2, 3).to(batch.dtype)], dim=1)
+            if isinstance(pad_value, (int, float)):  # the extra channels are one-hot maps: pad them with 0
+                pads = [float(pad_value)] * (batch.shape[1] - extra.shape[0]) + [0.0] * extra.shape[0]
+        pred = sliding_window_predict_batch(predictor, batch, patch_size, step, n_classes, device, dtype, gaussian, pad_value=pads)
+        out[:, zs] = pred.permute(1, 0, 2, 3)
+    return out

@@ -1,0 +1,108 @@
+"""Cross-validation splits: deterministic 5-fold by default, or a user file (patient-grouped).
+
+``results/<dataset>/splits.json`` is a JSON list with one object per fold:
+``[{"train": [case ids], "val": [case ids]}, ...]`` (nnU-Net's layout). It is written on first
+use and reused afterwards, so every configuration and every later run sees the same folds.
+A file given with ``--splits`` is validated (every id known, no case in both train and val of
+a fold, each fold non-empty) and copied there when no splits exist yet; when they exist and
+differ, the run stops rather than mixing two sets of folds in one results folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from autoliver.errors import AutoliverError
+from autoliver.io.atomic import write_json
+
+log = logging.getLogger(__name__)
+
+N_FOLDS = 5
+SPLITS_SEED = 12345  # nnU-Net's seed for its KFold; fixed so splits never depend on --seed
+
+
+class SplitsError(AutoliverError):
+    """A splits file is malformed or does not match the dataset."""
+
+
+def make_splits(case_ids: list[str], n_folds: int = N_FOLDS, seed: int = SPLITS_SEED) -> list[dict[str, list[str]]]:
+    """Shuffle the sorted ids with ``seed`` and deal them into ``n_folds`` validation sets."""
+    ids = sorted(case_ids)
+    if len(ids) < 2:
+        raise SplitsError(f"cross-validation needs at least 2 cases, got {len(ids)}; train fold 'all' instead")
+    n = min(n_folds, len(ids))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds = []
+    for k in range(n):
+        val = sorted(ids[i] for i in order[k::n])
+        folds.append({"train": [c for c in ids if c not in set(val)], "val": val})
+    return folds
+
+
+def validate_splits(splits, case_ids: list[str], source: str) -> list[dict[str, list[str]]]:
+    """Check the structure and ids of a splits list; return it normalised (sorted lists)."""
+    fix = "fix the file or delete it to get the default 5 folds"
+    if not isinstance(splits, list) or not splits:
+        raise SplitsError(f"{source}: expected a non-empty JSON list of {{\"train\": [...], \"val\": [...]}} objects; {fix}")
+    known = set(case_ids)
+    out = []
+    for k, fold in enumerate(splits):
+        if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val"), list):
+            raise SplitsError(f"{source}: fold {k} is not an object with lists \"train\" and \"val\"; {fix}")
+        train, val = [str(c) for c in fold["train"]], [str(c) for c in fold["val"]]
+        unknown = sorted((set(train) | set(val)) - known)
+        if unknown:
+            raise SplitsError(f"{source}: fold {k} names case(s) not in the preprocessed data: {', '.join(unknown[:10])}; {fix}")
+        both = sorted(set(train) & set(val))
+        if both:
+            raise SplitsError(f"{source}: fold {k} has case(s) in both train and val: {', '.join(both[:10])}; {fix}")
+        if not train or not val:
+            raise SplitsError(f"{source}: fold {k} has an empty train or val list; {fix}")
+        out.append({"train": sorted(set(train)), "val": sorted(set(val))})
+    return out
+
+
+def _read(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SplitsError(f"{path}: splits file not found") from None
+    except json.JSONDecodeError as exc:
+        raise SplitsError(f"{path}: not valid JSON ({exc}); fix it or delete it to get the default 5 folds") from None
+
+
+def load_or_create_splits(results_dir: Path, case_ids: list[str], custom: Path | None = None) -> tuple[list[dict[str, list[str]]], Path]:
+    """The dataset's splits (created or copied from ``custom`` on first use) and their path."""
+    path = Path(results_dir) / "splits.json"
+    wanted = validate_splits(_read(Path(custom)), case_ids, str(custom)) if custom is not None else None
+    if path.is_file():
+        existing = validate_splits(_read(path), case_ids, str(path))
+        if wanted is not None and wanted != existing:
+            raise SplitsError(f"{custom}: differs from the splits already used in {path}; train into another workspace or delete {path} (and the folds trained with it)")
+        return existing, path
+    splits = wanted if wanted is not None else make_splits(case_ids)
+    write_json(path, splits)
+    log.info("wrote %s (%d folds)", path, len(splits))
+    return splits, path
+
+
+def fold_cases(splits: list[dict[str, list[str]]], fold: int | str, case_ids: list[str]) -> tuple[list[str], list[str]]:
+    """(train, val) case ids of ``fold`` (an index or "all": every case in both)."""
+    if fold == "all":
+        ids = sorted(case_ids)
+        return ids, ids
+    if not isinstance(fold, int) or not 0 <= fold < len(splits):
+        raise ValueError(f"fold must be 0..{len(splits) - 1} or 'all', got {fold!r}")
+    return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+def holding_fold(splits: list[dict[str, list[str]]], case_id: str) -> int | None:
+    """The fold whose validation set holds ``case_id``."""
+    for k, fold in enumerate(splits):
+        if case_id in fold["val"]:
+            return k
+    return None

@@ -1,0 +1,377 @@
+"""The training loop: epochs of SGD on random patches, per-epoch pseudo-Dice, checkpoints.
+
+One ``Trainer`` per fold. Everything that varies (epochs, budget, network family, device) is
+in ``TrainOptions``; the network and the data loaders come from factories (``Components``),
+so tests and other network families plug in without subclasses.
+
+Per epoch: the learning rate is set (poly schedule over the planned epochs), ``iters`` steps
+of SGD with Nesterov momentum on batches from the infinite patch loader (Dice + CE with deep
+supervision, gradients clipped to norm 12, AMP on CUDA), then ``val_iters`` batches from the
+validation loader give the loss and the pseudo-Dice per class (TP/FP/FN summed over all
+batches and ranks, as nnU-Net). Rank 0 appends the epoch's record to log.jsonl, saves
+``checkpoint_latest.pt`` (and ``checkpoint_best.pt`` when the EMA of the mean pseudo-Dice
+improves) and redraws progress.png. ``checkpoint_final.pt`` is written when training ends.
+
+Resume (``--continue``): the latest checkpoint restores weights, optimiser, grad scaler, RNG
+states, the epoch counter, the history and the budget; log.jsonl is rewritten from the
+history it holds, so no epoch is missing or doubled after a kill at any point. The patch
+loaders restart from a seed derived from (seed, rank, epoch). Asking for more epochs than the
+checkpoint was trained for extends training (the poly schedule then runs over the new count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from autoliver.errors import AutoliverError, StaleArtefactError
+from autoliver.train import distributed as D
+from autoliver.train.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autoliver.train.loss import DeepSupervisionLoss, confusion_counts
+from autoliver.train.options import TrainOptions
+from autoliver.train.progress import append_log, plot_progress, rewrite_log
+from autoliver.train.schedule import BudgetPlan, poly_lr
+from autoliver.train.validation import summarise, validate_cases
+from autoliver.io.atomic import write_json
+from planning.plans import Configuration
+
+log = logging.getLogger(__name__)
+
+EMA_DECAY = 0.9
+LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
+BUDGET_PROBE_ITERS = (2, 7)  # iterations timed in the first epoch to fit a budget
+
+
+@dataclass(frozen=True)
+class FoldSetup:
+    """What one fold trains on and where it writes; built by ``api.train``."""
+
+    dataset: str
+    config: Configuration
+    plans_hash: str
+    fold: int | str
+    data_folder: Path
+    output_dir: Path
+    train_cases: tuple[str, ...]
+    val_cases: tuple[str, ...]
+    class_names: tuple[str, ...] = ("background", "liver", "tumour")
+    arch: str = "unet"
+    prev_stage_folder: Path | None = None
+    next_stage: tuple[Path, Path] | None = None  # (fullres data folder, predicted_next_stage folder)
+    pad_value: float = 0.0  # what the loader pads patches with (normalised air); the sliding window pads alike
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class Components:
+    """Factories for the network and the loaders (signatures of autoliver.nets / autoliver.data)."""
+
+    build_network: Callable[[str, Configuration, int], torch.nn.Module]
+    make_train_loader: Callable[..., Any]
+    make_val_loader: Callable[..., Any]
+
+
+def default_components() -> Components:
+    from autoliver.data.loader import make_train_loader, make_val_loader
+    from autoliver.nets.registry import build_network, net_spec
+
+    return Components(lambda arch, config, n: build_network(arch, net_spec(config, n)), make_train_loader, make_val_loader)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    epochs: int
+    metrics: dict | None
+    history: list
+
+
+def select_device(choice: str, ctx: D.DistContext = D.SINGLE) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise AutoliverError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, setup: FoldSetup, options: TrainOptions, ctx: D.DistContext = D.SINGLE, components: Components | None = None):
+        self.setup, self.options, self.ctx = setup, options, ctx
+        self.components = components or default_components()
+        self.device = select_device(options.device, ctx)
+        self.out = Path(setup.output_dir)
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.best_ema: float | None = None
+        self.train_seconds = 0.0
+        self.iters_per_epoch = options.iters_per_epoch
+        self.budget: BudgetPlan | None = None
+        self.loss: DeepSupervisionLoss | None = None
+        self.finished = False
+
+    # ----------------------------------------------------------------- setup
+    def _build(self) -> None:
+        torch.manual_seed(self.options.seed)
+        self.network = self.components.build_network(self.setup.arch, self.setup.config, self.setup.n_classes).to(self.device)
+        self.model = self.network
+        if self.ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.network, device_ids=ids)
+        o = self.options
+        self.optimiser = torch.optim.SGD(self.network.parameters(), lr=o.initial_lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
+        self.use_scaler = self.device.type == "cuda" and o.amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        if self.device.type == "cuda":
+            self.autocast = torch.float16 if o.amp else None
+        else:
+            self.autocast = torch.bfloat16 if o.cpu_bf16 else None
+        torch.manual_seed(self.options.seed + 1000 * self.ctx.rank)
+
+    def _state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "weights": self.network.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.use_scaler else None,
+            "rng": capture_rng_states(),
+            "plans_hash": self.setup.plans_hash,
+            "configuration": asdict(self.setup.config),
+            "options": self.options.to_json(),
+            "history": self.history,
+            "best_ema": self.best_ema,
+            "train_seconds": self.train_seconds,
+            "iters_per_epoch": self.iters_per_epoch,
+            "budget": None if self.budget is None else self.budget.to_json(),
+            "network": {"arch": self.setup.arch, "n_classes": self.setup.n_classes, "class_names": list(self.setup.class_names)},
+            "dataset": self.setup.dataset,
+            "fold": str(self.setup.fold),
+            "world_size": self.ctx.world_size,
+        }
+
+    def _resume(self) -> None:
+        latest = self.out / LATEST
+        if not self.options.resume:
+            if latest.exists():
+                raise AutoliverError(f"{latest} exists: this fold was trained before; add --continue to resume it, or delete {self.out} to start again")
+            return
+        if not latest.exists():
+            log.info("--continue: no %s yet, starting the fold from scratch", latest)
+            return
+        state = load_checkpoint(latest, map_location=self.device)
+        if state["plans_hash"] != self.setup.plans_hash:
+            raise StaleArtefactError(f"{latest}: trained with another plans.json (hash {state['plans_hash'][:12]} vs {self.setup.plans_hash[:12]}); delete {self.out} to train this fold again")
+        if state["network"]["arch"] != self.setup.arch:
+            raise CheckpointError(f"{latest}: network {state['network']['arch']!r}, but --arch {self.setup.arch!r} was asked for; resume with --arch {state['network']['arch']}")
+        try:
+            self.network.load_state_dict(state["weights"])
+            self.optimiser.load_state_dict(state["optimiser"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{latest}: does not fit this network ({str(exc).splitlines()[0][:160]}); delete {self.out} to train again") from None
+        if self.use_scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        restore_rng_states(state["rng"])
+        if self.ctx.rank:  # every rank restored rank 0's generator; keep their streams apart
+            torch.manual_seed(self.options.seed + 1000 * self.ctx.rank + state["epoch"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_ema = state["best_ema"]
+        self.train_seconds = float(state["train_seconds"])
+        self.iters_per_epoch = int(state["iters_per_epoch"]) if self.options.budget_minutes else self.options.iters_per_epoch
+        if state.get("budget") and self.options.budget_minutes:
+            b = BudgetPlan.from_json(state["budget"])
+            self.budget = replace(b, budget_s=self.options.budget_minutes * 60.0, max_epochs=self.options.epochs)
+        log.info("resuming %s from epoch %d", latest, self.epoch)
+
+    # ----------------------------------------------------------------- loop
+    def _target_epochs(self) -> int:
+        return self.budget.planned_epochs if self.budget is not None else self.options.epochs
+
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            outputs = self.model(data)
+        if self.loss is None:
+            n = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
+            self.loss = DeepSupervisionLoss(n, batch_dice=self.options.batch_dice)
+        return self.loss(outputs, target), outputs
+
+    def _train_epoch(self, loader, lr: float) -> dict:
+        for g in self.optimiser.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        self.network.deep_supervision = True
+        losses, tumour, samples, wait = [], 0, 0, 0.0
+        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {self.epoch}", unit="it", leave=False, disable=not (self.options.progress and self.ctx.is_main))
+        t0 = time.perf_counter()
+        it = 0
+        while it < self.iters_per_epoch:
+            tw = time.perf_counter()
+            batch = next(loader)
+            wait += time.perf_counter() - tw
+            self.optimiser.zero_grad(set_to_none=True)
+            loss, _ = self._forward_loss(batch)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimiser)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.options.grad_clip)
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+            losses.append(float(loss.detach()))
+            tumour += int(torch.as_tensor(batch["tumour"]).sum())
+            samples += int(batch["data"].shape[0])
+            it += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if self.budget is not None and not self.history and it == BUDGET_PROBE_ITERS[1]:
+                per_iter = (time.perf_counter() - self._probe_t0) / (BUDGET_PROBE_ITERS[1] - BUDGET_PROBE_ITERS[0])
+                fitted = self.budget.fit_iterations(D.broadcast_float(per_iter, self.ctx))
+                self.budget, self.iters_per_epoch = fitted, fitted.iters_per_epoch
+            if it == BUDGET_PROBE_ITERS[0]:
+                self._probe_t0 = time.perf_counter()
+        bar.close()
+        sums = D.all_reduce_sum(torch.tensor([sum(losses), len(losses), tumour, samples, wait], dtype=torch.float64), self.ctx)
+        seconds = time.perf_counter() - t0
+        return {"train_loss": float(sums[0] / max(sums[1], 1)), "tumour_share": float(sums[2] / max(sums[3], 1)),
+                "samples": int(sums[3]), "train_s": seconds, "data_wait_share": float(sums[4] / self.ctx.world_size / max(seconds, 1e-9))}
+
+    @torch.no_grad()
+    def _val_epoch(self, loader) -> dict:
+        if self.options.val_iters == 0 or loader is None:
+            return {"val_loss": None, "pseudo_dice": {}}
+        self.network.eval()
+        self.network.deep_supervision = False
+        counts = torch.zeros((self.setup.n_classes - 1, 3), dtype=torch.float64)
+        loss_sum = 0.0
+        for _ in range(self.options.val_iters):
+            batch = next(loader)
+            data, target = batch["data"].to(self.device), batch["target"].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                out = self.network(data)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            loss_sum += float(DeepSupervisionLoss(1, self.options.batch_dice)(out.float(), target))
+            counts += confusion_counts(out.float(), target, self.setup.n_classes).cpu()
+        self.network.deep_supervision = True
+        sums = D.all_reduce_sum(torch.cat([counts.flatten(), torch.tensor([loss_sum, self.options.val_iters], dtype=torch.float64)]), self.ctx)
+        counts = sums[:-2].reshape(-1, 3)
+        dice = {}
+        for c in range(1, self.setup.n_classes):
+            tp, fp, fn = counts[c - 1].tolist()
+            dice[self.setup.class_names[c]] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else float("nan")
+        return {"val_loss": float(sums[-2] / sums[-1]), "pseudo_dice": dice}
+
+    def _loaders(self):
+        s, o, c = self.setup, self.options, self.ctx
+        config = s.config
+        common = dict(prev_stage_folder=s.prev_stage_folder, n_classes=s.n_classes, batch_size=D.local_batch_size(s.config.batch_size, c))
+        extra = {} if o.tumour_share is None else {"tumour_share": o.tumour_share}
+        train = self.components.make_train_loader(s.data_folder, list(s.train_cases), config, seed=D.rank_seed(o.seed, c, self.epoch),
+                                                  n_workers=o.n_workers, oversample_foreground=o.oversample_foreground, **extra, **common)
+        val = None
+        if o.val_iters > 0 and s.val_cases:
+            val = self.components.make_val_loader(s.data_folder, list(s.val_cases), config, seed=D.rank_seed(o.seed + 1, c), n_workers=0,
+                                                    oversample_foreground=o.oversample_foreground, **common)
+        return train, val
+
+    def _end_epoch(self, record: dict) -> None:
+        mean = [v for v in record["pseudo_dice"].values() if v == v]
+        score = sum(mean) / len(mean) if mean else None
+        if score is not None:
+            self.best_ema = score if self.best_ema is None else EMA_DECAY * self.best_ema + (1 - EMA_DECAY) * score
+        record["pseudo_dice_mean"] = score
+        prev_best = max((r["pseudo_dice_ema"] for r in self.history if r.get("pseudo_dice_ema") is not None), default=None)
+        record["pseudo_dice_ema"] = self.best_ema
+        self.history.append(record)
+        self.epoch += 1
+        if self.ctx.is_main:
+            append_log(self.out / "log.jsonl", record)
+            state = self._state()
+            save_checkpoint(self.out / LATEST, state)
+            if self.best_ema is not None and (prev_best is None or self.best_ema > prev_best):
+                save_checkpoint(self.out / BEST, state)
+            plot_progress(self.out / "progress.png", self.history)
+        log.info("epoch %d: train loss %.4f, val loss %s, pseudo-Dice %s, lr %.2e, %.1f s",
+                 record["epoch"], record["train_loss"], "n/a" if record["val_loss"] is None else f"{record['val_loss']:.4f}",
+                 {k: round(v, 4) for k, v in record["pseudo_dice"].items()}, record["lr"], record["epoch_s"])
+
+    def train(self) -> None:
+        """Train until the target epoch count (or the budget) is reached; write the final checkpoint."""
+        o = self.options
+        if o.budget_minutes is not None and self.budget is None:
+            self.budget = BudgetPlan.start(o.budget_minutes * 60.0, o.epochs, o.iters_per_epoch)
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            rewrite_log(self.out / "log.jsonl", self.history)
+        if self.epoch >= self._target_epochs():
+            log.info("%s: already trained for %d epochs", self.out, self.epoch)
+        else:
+            train_loader, val_loader = self._loaders()
+            try:
+                train_it = iter(train_loader)
+                val_it = None if val_loader is None else iter(val_loader)
+                while self.epoch < self._target_epochs():
+                    t0 = time.perf_counter()
+                    lr = poly_lr(self.epoch, self._target_epochs(), o.initial_lr)
+                    record = {"epoch": self.epoch, **self._train_epoch(train_it, lr)}
+                    record.update(self._val_epoch(val_it))
+                    epoch_s = time.perf_counter() - t0
+                    self.train_seconds += epoch_s
+                    record.update(lr=lr, epoch_s=epoch_s, samples_per_s=record["samples"] / max(record["train_s"], 1e-9),
+                                  iters=self.iters_per_epoch, world_size=self.ctx.world_size, time=time.time())
+                    if self.budget is not None:
+                        mean_s = sum(r["epoch_s"] for r in self.history[-5:] + [record]) / len(self.history[-5:] + [record])
+                        planned = int(D.broadcast_float(self.budget.update(self.epoch + 1, self.train_seconds, mean_s).planned_epochs, self.ctx))
+                        self.budget = replace(self.budget, planned_epochs=planned)
+                        record["planned_epochs"] = planned
+                    self._end_epoch(record)
+            finally:
+                for loader in (train_loader, val_loader):
+                    if loader is not None and hasattr(loader, "close"):
+                        loader.close()
+        if self.ctx.is_main:
+            save_checkpoint(self.out / FINAL, self._state())
+        D.barrier(self.ctx)
+        self.finished = True
+
+    def validate(self) -> dict | None:
+        """Predict the fold's validation cases whole; rank 0 writes metrics.json."""
+        s = self.setup
+        if s.fold == "all" or not self.options.final_validation:
+            log.info("no held-out cases to validate (fold %s)", s.fold)
+            return None
+        self.network.eval()
+        self.network.deep_supervision = False
+        mine = list(s.val_cases)[self.ctx.rank :: self.ctx.world_size]
+        validate_cases(self.network, s.config, s.data_folder, mine, self.out / "validation", epoch=self.epoch, device=self.device,
+                       n_classes=s.n_classes, step=self.options.val_step, autocast_dtype=self.autocast,
+                       prev_stage_folder=s.prev_stage_folder, save_probabilities=self.options.save_probabilities, next_stage=s.next_stage,
+                       pad_value=s.pad_value)
+        D.barrier(self.ctx)
+        if not self.ctx.is_main:
+            return None
+        per_case = {c: json.loads((self.out / "validation" / f"{c}.json").read_text(encoding="utf-8"))["dice"] for c in s.val_cases}
+        metrics = summarise(per_case, {"configuration": s.config.name, "fold": s.fold, "epoch": self.epoch, "plans_hash": s.plans_hash})
+        write_json(self.out / "metrics.json", metrics)
+        log.info("%s: mean liver Dice %.4f, tumour Dice %.4f", self.out / "metrics.json", metrics["mean"]["liver"], metrics["mean"]["tumour"])
+        return metrics
+
+    def run(self) -> TrainResult:
+        D.init(self.ctx, self.device)
+        try:
+            self._build()
+            self._resume()
+            self.train()
+            metrics = self.validate()
+            return TrainResult(self.out, self.epoch, metrics, list(self.history))
+        finally:
+            D.shutdown(self.ctx)

@@ -1,0 +1,153 @@
+"""Loss, schedules, splits and checkpoints: against references and invariants."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoliver.train.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autoliver.train.loss import DeepSupervisionLoss, confusion_counts, deep_supervision_weights, downsample_target, soft_dice
+from autoliver.train.schedule import BudgetPlan, poly_lr
+from autoliver.train.splits import SplitsError, fold_cases, holding_fold, load_or_create_splits, make_splits
+from autoliver.train.validation import case_dice, dice
+
+
+def test_deep_supervision_weights_halve_and_drop_the_coarsest():
+    w = deep_supervision_weights(4)
+    assert w == pytest.approx(np.array([1, 0.5, 0.25, 0]) / 1.75)
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_soft_dice_against_numpy_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6, 7)
+    target = torch.randint(0, 3, (2, 1, 5, 6, 7))
+    p = torch.softmax(logits, 1).numpy()
+    t = target.numpy()[:, 0]
+    ref = []
+    for c in (1, 2):
+        oh = (t == c).astype(float)
+        ref.append((2 * (p[:, c] * oh).sum() + 1e-5) / (p[:, c].sum() + oh.sum() + 1e-5))
+    assert soft_dice(logits, target).numpy() == pytest.approx(ref, rel=1e-5)
+
+
+def test_loss_is_near_zero_for_a_confident_correct_prediction_and_levels_use_downsampled_targets():
+    target = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    target[:, :, 2:6, 2:6, 2:6] = 1
+    target[:, :, 3:5, 3:5, 3:5] = 2
+    perfect = F.one_hot(target[:, 0], 3).permute(0, 4, 1, 2, 3).float() * 50
+    coarse_t = downsample_target(target, (4, 4, 4))
+    assert coarse_t.shape == (1, 1, 4, 4, 4) and coarse_t.dtype == torch.long
+    assert torch.equal(coarse_t, target[:, :, 1::2, 1::2, 1::2])  # nearest voxel centre of a 2x grid
+    coarse = F.one_hot(coarse_t[:, 0], 3).permute(0, 4, 1, 2, 3).float() * 50
+    loss = DeepSupervisionLoss(2)
+    assert float(loss([perfect, coarse], target)) < 1e-3
+    wrong = perfect.roll(1, dims=1)
+    assert float(loss([wrong, coarse], target)) > 1.0
+    with pytest.raises(ValueError):
+        loss([perfect], target)
+
+
+def test_confusion_counts():
+    target = torch.tensor([0, 1, 1, 2, 2, 0]).reshape(1, 1, 6)
+    pred = torch.tensor([0, 1, 2, 2, 0, 1])
+    logits = F.one_hot(pred, 3).T[None].float()
+    counts = confusion_counts(logits, target, 3)
+    assert counts.tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_dice_lits_rule():
+    a = np.zeros((4, 4), bool)
+    assert dice(a, a) == 1.0
+    b = a.copy()
+    b[0, 0] = True
+    assert dice(a, b) == 0.0
+    ref = np.array([[0, 1, 2], [1, 1, 0]])
+    pred = np.array([[0, 1, 1], [1, 0, 0]])
+    d = case_dice(pred, ref)
+    assert d["liver"] == pytest.approx(2 * 3 / (3 + 4)) and d["tumour"] == 0.0
+
+
+def test_poly_lr():
+    assert poly_lr(0, 10, 0.01) == 0.01
+    assert poly_lr(5, 10, 0.01) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(10, 10, 0.01) == 0.0
+    lrs = [poly_lr(e, 50, 1.0) for e in range(50)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_budget_plan_fits_epochs_to_measured_speed():
+    plan = BudgetPlan.start(budget_s=1000.0, max_epochs=1000, iters_per_epoch=250)
+    # 1 s per iteration: 900 s of training hold 3.6 epochs of 250 -> shorten epochs to get 10
+    fitted = plan.fit_iterations(1.0)
+    assert fitted.iters_per_epoch == 90
+    # after 2 epochs of 90 s each at 180 s elapsed: 720 s left -> 8 more
+    upd = fitted.update(epochs_done=2, elapsed_s=180.0, mean_epoch_s=90.0)
+    assert upd.planned_epochs == 10
+    # the machine slows down: fewer epochs are planned, never fewer than done
+    assert fitted.update(epochs_done=5, elapsed_s=880.0, mean_epoch_s=150.0).planned_epochs == 5
+    assert BudgetPlan.from_json(upd.to_json()) == upd
+    with pytest.raises(ValueError):
+        BudgetPlan.start(0, 10, 10)
+
+
+def test_splits_deterministic_disjoint_and_stored(tmp_path):
+    ids = [f"case_{i:02d}" for i in range(12)]
+    s1 = make_splits(ids)
+    assert s1 == make_splits(list(reversed(ids)))
+    vals = [c for f in s1 for c in f["val"]]
+    assert sorted(vals) == ids  # every case validated exactly once
+    for f in s1:
+        assert not set(f["train"]) & set(f["val"]) and set(f["train"]) | set(f["val"]) == set(ids)
+    splits, path = load_or_create_splits(tmp_path, ids)
+    assert json.loads(path.read_text()) == splits == s1
+    assert fold_cases(splits, "all", ids) == (ids, ids)
+    assert holding_fold(splits, s1[3]["val"][0]) == 3
+    with pytest.raises(ValueError):
+        fold_cases(splits, 7, ids)
+
+
+def test_custom_splits_validated(tmp_path):
+    ids = ["a", "b", "c", "d"]
+    custom = tmp_path / "mine.json"
+    custom.write_text(json.dumps([{"train": ["a", "b"], "val": ["c", "d"]}, {"train": ["c", "d"], "val": ["a", "b"]}]))
+    splits, _ = load_or_create_splits(tmp_path / "res", ids, custom)
+    assert len(splits) == 2 and splits[0]["val"] == ["c", "d"]
+    bad = tmp_path / "bad.json"
+    for content, msg in [([{"train": ["a", "x"], "val": ["c"]}], "not in the preprocessed"), ([{"train": ["a"], "val": ["a"]}], "both train and val"),
+                         ({"train": []}, "JSON list"), ([{"train": ["a"], "val": []}], "empty")]:
+        bad.write_text(json.dumps(content))
+        with pytest.raises(SplitsError, match=msg):
+            load_or_create_splits(tmp_path / "other", ids, bad)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"train": ["a", "c"], "val": ["b", "d"]}]))
+    with pytest.raises(SplitsError, match="differs"):
+        load_or_create_splits(tmp_path / "res", ids, other)
+
+
+def test_checkpoint_round_trip_with_rng_and_damage(tmp_path):
+    import random
+
+    rng_state = capture_rng_states()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    state = {"epoch": 3, "weights": {"w": torch.arange(4.0)}, "history": [{"epoch": 0, "lr": 0.01}], "rng": rng_state, "configuration": {"patch_size": (4, 4)}}
+    path = tmp_path / "checkpoint_latest.pt"
+    save_checkpoint(path, state)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pt"]  # no temporary left behind
+    loaded = load_checkpoint(path)
+    restore_rng_states(loaded["rng"])
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
+
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="checkpoint_latest.pt.*damaged or truncated"):
+        load_checkpoint(path)
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
