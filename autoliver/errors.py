@@ -33,3 +33,15 @@ class MissingArtefactError(AutoliverError):
 
 class StaleArtefactError(AutoliverError):
     """An artefact was built from inputs that have changed since."""
+
+
+class SplitsError(AutoliverError):
+    """A splits file is malformed or does not match the dataset."""
+
+
+class CheckpointError(AutoliverError):
+    """A checkpoint is damaged, truncated or from an incompatible run."""
+
+
+class DataLoadingError(AutoliverError):
+    """A batch could not be made; the message names the case and the cause."""

@@ -227,7 +227,7 @@ def test_resenc_structure(topology):
 def test_unet_matches_independent_reference():
     """Same forward as a straightforward nn.Sequential U-Net given the same weights."""
     t = compute_topology((16, 32, 24), (3.0, 1.0, 1.0), max_pools=2)
-    dims, (f, ks, st) = t.dims, (t.features_per_stage, t.kernel_sizes, t.strides)
+    f, ks, st = t.features_per_stage, t.kernel_sizes, t.strides
 
     def block(cin, cout, k, s):
         return nn.Sequential(nn.Conv3d(cin, cout, k, s, [x // 2 for x in k]), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01))

@@ -8,7 +8,6 @@ the planner to want them) and the lowres data preprocessed with the same runner.
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from autoliver.data.augment import default_settings
 from autoliver.data.batches import PREV_SUFFIX, BatchMaker, BatchSpec, SampleError
 from autoliver.data.sampler import FOREGROUND, TUMOUR
-from autoliver.errors import AutoliverError, MissingArtefactError
+from autoliver.errors import DataLoadingError, MissingArtefactError
 from autoliver.preprocess.storage import case_done
 from planning.plans import Configuration
 
@@ -53,10 +53,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TUMOUR_SHARE = 0.5
 PR_SET_PDEATHSIG = 1
-
-
-class DataLoadingError(AutoliverError):
-    """A batch could not be made; the message names the case and the cause."""
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoliver.errors import AutoliverError
+from autoliver.errors import CheckpointError
 from autoliver.io.atomic import atomic_path
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(AutoliverError):
-    """A checkpoint is damaged, truncated or from an incompatible run."""
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from autoliver.errors import AutoliverError
+from autoliver.errors import SplitsError
 from autoliver.io.atomic import write_json
 
 log = logging.getLogger(__name__)
 
 N_FOLDS = 5
 SPLITS_SEED = 12345  # nnU-Net's seed for its KFold; fixed so splits never depend on --seed
-
-
-class SplitsError(AutoliverError):
-    """A splits file is malformed or does not match the dataset."""
 
 
 def make_splits(case_ids: list[str], n_folds: int = N_FOLDS, seed: int = SPLITS_SEED) -> list[dict[str, list[str]]]:
