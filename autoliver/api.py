@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoliver.errors import DatasetError, MissingArtefactError, PlanError, StaleArtefactError
 from autoliver.io.atomic import write_json
@@ -19,6 +20,9 @@ from autoliver.io.dataset import RawDataset
 from autoliver.train.options import TrainOptions
 from autoliver.workspace import DATASET_NAME_RE, Workspace, resolve_dataset
 from planning.plans import CONFIGURATION_NAMES, Plans
+
+if TYPE_CHECKING:  # prediction imports torch: only when it is used
+    from autoliver.infer.runner import PredictOptions, PredictSummary
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +264,31 @@ def train(dataset_spec: str | Path, configuration: str, fold: int | str, workspa
     return Trainer(setup, options, dist or SINGLE, components).run()
 
 
+def resolve_model_dir(workspace: Workspace, model_dir: str | Path | None = None, dataset_spec: str | Path | None = None) -> Path:
+    """``-m MODEL_DIR`` as given, else ``results/<dataset>`` of the workspace for ``-d DATASET``."""
+    if (model_dir is None) == (dataset_spec is None):
+        raise ValueError("give exactly one of a model folder (-m MODEL_DIR) and a dataset (-d DATASET)")
+    if model_dir is not None:
+        return Path(model_dir).expanduser().resolve()
+    return workspace.results(_preprocessed_dataset_name(dataset_spec, workspace))
+
+
+def predict(input_path: str | Path, output: str | Path, workspace: Workspace, model_dir: str | Path | None = None,
+            dataset_spec: str | Path | None = None, configuration: str | None = None, folds: list[str] | None = None,
+            device: str = "auto", options: PredictOptions | None = None) -> PredictSummary:
+    """Segment every case of ``input_path`` (file, folder of images, DICOM series folders) into
+    ``output``: ``<case>.nii.gz`` in the input's geometry and ``<case>.json`` (the report).
+
+    ``options`` is an ``autoliver.infer.runner.PredictOptions``; returns a ``PredictSummary``
+    whose ``failed`` lists the cases that could not be predicted.
+    """
+    from autoliver.infer.predictor import load_model
+    from autoliver.infer.runner import PredictOptions, predict_inputs
+
+    model = load_model(resolve_model_dir(workspace, model_dir, dataset_spec), configuration, folds, device)
+    return predict_inputs(model, input_path, output, options or PredictOptions())
+
+
 __all__ = [
     "CONFIGURATION_NAMES",
     "StageOptions",
@@ -272,4 +301,6 @@ __all__ = [
     "load_plans",
     "plan_and_preprocess",
     "train",
+    "resolve_model_dir",
+    "predict",
 ]

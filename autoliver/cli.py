@@ -164,6 +164,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from autoliver import api
+    from autoliver.infer.runner import PredictOptions, parse_shard
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = PredictOptions(
+        tta=args.tta,
+        step=args.step_size,
+        save_probabilities=args.save_probabilities,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        shard=parse_shard(args.shard) if args.shard else None,
+    )
+    if not 0 < options.step <= 1:
+        raise ValueError(f"--step-size must be in (0, 1], got {options.step}")
+    ws = _workspace(args) if args.dataset is not None else None
+    summary = api.predict(args.input, args.output, ws, model_dir=args.model, dataset_spec=args.dataset,
+                          configuration=args.configuration, folds=args.folds, device=args.device, options=options)
+    print(f"{summary.output}: {len(summary.predicted)} predicted, {len(summary.skipped)} already there, {len(summary.failed)} failed")
+    for case, message in summary.failed.items():
+        log.error("%s: %s", case, message)
+    return 1 if summary.failed else 0
+
+
 def _add_common(p: argparse.ArgumentParser, jobs: bool = True) -> None:
     p.add_argument("--workspace", default=argparse.SUPPRESS, help=WORKSPACE_HELP)
     if jobs:
@@ -247,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip the end-of-fold validation of the held-out cases")
     _add_common(p, jobs=False)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment new CT scans", description="Segment CT scans with a trained model: one <case>.nii.gz (labels 0 background, 1 liver, 2 tumour) in the input's exact geometry and one <case>.json report per case. Cases already predicted are skipped.")
+    p.add_argument("-i", "--input", required=True, help="an image file, a folder of images (NIfTI, NRRD, MHA; <case>_0000 naming accepted), a DICOM series folder or a folder of them")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("-m", "--model", help="trained model folder (results/<dataset>)")
+    model.add_argument("-d", "--dataset", help="dataset name or numeric id: its model in the workspace's results/")
+    p.add_argument("-c", "--configuration", metavar="CONFIG", help="configuration (default: the first trained of 3d_fullres, 2.5d, 2d)")
+    p.add_argument("-f", "--folds", nargs="+", metavar="FOLD", help="folds to ensemble (default: every trained fold)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto takes the GPU when there is one (default: %(default)s)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="mirroring test-time augmentation (default: on)")
+    p.add_argument("--step-size", type=float, default=0.5, metavar="S", help="sliding-window step as a fraction of the patch (default: %(default)s)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz with float16 class probabilities")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output exists again")
+    p.add_argument("--shard", metavar="I/N", help="predict only the cases whose index in sorted order is I modulo N (job arrays)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -124,10 +124,10 @@ def fresh(path: Path) -> Path:
 
 
 def run_nnunet(venv: Path, raw_root: Path, dataset_id: int, dataset_name: str, work: Path, n_proc: int,
-               poll_s: float, timeout_s: float | None) -> dict:
+               poll_s: float, timeout_s: float | None, configurations: tuple[str, ...] = NNUNET_CONFIGS) -> dict:
     pre, res = fresh(work / "nnunet_preprocessed"), fresh(work / "nnunet_results")
     env = {**os.environ, "nnUNet_raw": str(raw_root), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res)}
-    cmd = [str(nnunet_entry(venv, "nnUNetv2_plan_and_preprocess")), "-d", str(dataset_id), "-c", *NNUNET_CONFIGS,
+    cmd = [str(nnunet_entry(venv, "nnUNetv2_plan_and_preprocess")), "-d", str(dataset_id), "-c", *configurations,
            "-np", str(n_proc), "-npfp", str(n_proc), "--verify_dataset_integrity"]
     log.info("nnU-Net: %s", shlex.join(cmd))
     m = measure_command(cmd, env=env, log_path=work / "nnunet.log", poll_s=poll_s, timeout_s=timeout_s)

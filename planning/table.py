@@ -30,7 +30,7 @@ def plans_table(plans: Plans) -> str:
     rows = [COLUMNS] + [_row(n, c) for n, c in plans.configurations.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = [
-        f"{plans.dataset_name}: {plans.device} budget {plans.memory_budget_gb:g} GiB; "
+        f"{plans.dataset_name}: {plans.device} budget {plans.memory_budget_gb:.1f} GiB; "
         f"CT normalisation clip [{plans.normalisation.clip_low:.1f}, {plans.normalisation.clip_high:.1f}] HU, "
         f"mean {plans.normalisation.mean:.1f}, std {plans.normalisation.std:.1f}",
     ]

@@ -1,6 +1,7 @@
 """Loss, schedules, splits and checkpoints: against references and invariants."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,3 +152,21 @@ def test_checkpoint_round_trip_with_rng_and_damage(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_budget_plan_counts_validation_batches():
+    # 1 s per iteration, 250 + 50 validation batches at 0.35 each = 267.5 s per epoch:
+    # 900 s of training hold 3.36 epochs -> both shortened by the same factor to fit 10
+    plan = BudgetPlan.start(budget_s=1000.0, max_epochs=1000, iters_per_epoch=250, val_iters=50)
+    fitted = plan.fit_iterations(1.0)
+    epoch_s = fitted.iters_per_epoch + fitted.val_iters * fitted.val_cost
+    assert 10 * epoch_s <= plan.training_s
+    assert fitted.iters_per_epoch == 84 and fitted.val_iters == 16
+    assert BudgetPlan.from_json(fitted.to_json()) == fitted
+
+
+def test_budget_reserves_the_estimated_final_validation():
+    plan = BudgetPlan.start(budget_s=600.0, max_epochs=1000, iters_per_epoch=250)
+    assert plan.training_s == pytest.approx(540.0)  # the 10 % reserve
+    assert replace(plan, final_s=200.0).training_s == pytest.approx(400.0)  # the estimate is larger
+    assert replace(plan, final_s=1e6).training_s == pytest.approx(300.0)  # never more than half

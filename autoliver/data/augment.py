@@ -10,8 +10,8 @@ Two parts:
    to read (nnU-Net reads a fixed enlarged patch for every sample): about two thirds of the
    samples get no spatial transform and read just the patch, and a rotated patch never
    samples outside what was read, so rotation adds no border artefacts. Data are interpolated
-   with cubic splines, labels with batchgenerators' per-label linear interpolation (values
-   stay within the input's labels).
+   linearly (torch grid_sample, as nnU-Net v2), labels by per-label linear interpolation
+   (values stay within the input's labels).
 2. Per batch (after the patches are cut): Gaussian noise (p 0.1), Gaussian blur (p 0.1),
    multiplicative brightness (p 0.15), contrast (p 0.15), simulated low resolution
    (p 0.125, in plane only for dummy 2D), inverted gamma (p 0.1), gamma (p 0.3), mirroring
@@ -39,7 +39,6 @@ import numpy as np
 from batchgenerators.augmentations.utils import (
     create_zero_centered_coordinate_mesh,
     elastic_deform_coordinates,
-    interpolate_img,
     rotate_coords_2d,
     rotate_coords_3d,
     scale_coords,
@@ -53,7 +52,8 @@ from batchgenerators.transforms.color_transforms import (
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform
-from scipy.ndimage import map_coordinates
+import torch
+import torch.nn.functional as F
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: dummy 2D when max(patch) / patch[0] > 3
 MARGIN = 3  # voxels read beyond the transformed grid's bounding box (cubic spline support)
@@ -169,20 +169,45 @@ def grid_region(coords: np.ndarray, centre: Sequence[float]) -> tuple[np.ndarray
     return lo, hi - lo, coords + shift
 
 
+def _normalised_grid(coords: np.ndarray, region: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates (r, *out) in a region of shape ``region`` -> grid_sample's grid
+    (1, *out, r) in [-1, 1] (align_corners=True), last axis ordered x, y(, z)."""
+    r = coords.shape[0]
+    scale = np.array([2.0 / max(n - 1, 1) for n in region], dtype=np.float32).reshape((r,) + (1,) * r)
+    grid = coords.astype(np.float32) * scale - 1.0
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(grid[::-1], 0, -1)))[None]
+
+
 def resample(data: np.ndarray, seg: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Interpolate each (C, ..., *region) image at ``coords`` over its last ``len(coords)`` axes.
 
-    Leading axes (channels, and z for dummy 2D) are looped over. Data: cubic; labels:
-    per-label linear interpolation (batchgenerators), so only input label values come out.
+    Leading axes (channels, and z for dummy 2D) are batched. Data: linear (torch
+    ``grid_sample``, border values outside); labels: linear interpolation of each label's
+    one-hot mask, then the most likely label (values outside the region are background), so
+    only input label values come out. Linear rather than cubic data interpolation, as in
+    nnU-Net v2's own spatial transform: three to five times faster, and augmentation needs no
+    more.
     """
     r = coords.shape[0]
-    out_d = np.empty(data.shape[:-r] + coords.shape[1:], dtype=np.float32)
-    out_s = np.empty(seg.shape[:-r] + coords.shape[1:], dtype=seg.dtype)
-    for idx in np.ndindex(*data.shape[:-r]):
-        out_d[idx] = map_coordinates(data[idx].astype(np.float32, copy=False), coords, order=3, mode="nearest")
-    for idx in np.ndindex(*seg.shape[:-r]):
-        out_s[idx] = interpolate_img(seg[idx], coords, order=1, mode="constant", cval=0, is_seg=True)
-    return out_d, out_s
+    region = data.shape[-r:]
+    grid = _normalised_grid(coords, region)
+    lead_d, lead_s = data.shape[:-r], seg.shape[:-r]
+    with torch.no_grad():
+        d = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape((1, -1) + region)
+        out_d = F.grid_sample(d, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        labels = np.unique(seg)
+        s = torch.from_numpy(np.ascontiguousarray(seg)).reshape((-1,) + region)
+        onehot = torch.stack([(s == int(v)).float() for v in labels], dim=1)  # (S, L, *region)
+        n = onehot.shape[0]
+        probs = F.grid_sample(onehot.reshape((1, -1) + region), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        probs = probs.reshape((n, len(labels)) + tuple(coords.shape[1:]))
+        # outside the region every label's weight is 0: the argmax then falls on index 0 of
+        # ``labels`` — background when present; force it anyway for padded voxels
+        idx = probs.argmax(dim=1)
+        out_s = torch.from_numpy(labels.astype(seg.dtype))[idx]
+        out_s[probs.sum(dim=1) < 0.5] = 0
+    return (out_d.reshape(lead_d + tuple(coords.shape[1:])).numpy(),
+            out_s.reshape(lead_s + tuple(coords.shape[1:])).numpy())
 
 
 @lru_cache(maxsize=8)

@@ -27,7 +27,6 @@ import ctypes
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -45,9 +44,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from autoliver.data.augment import default_settings
 from autoliver.data.batches import PREV_SUFFIX, BatchMaker, BatchSpec, SampleError
 from autoliver.data.sampler import FOREGROUND, TUMOUR
+from autoliver.preprocess.normalise import air_pad_value
 from autoliver.errors import DataLoadingError, MissingArtefactError
 from autoliver.preprocess.storage import case_done
-from planning.plans import Configuration
+from planning.plans import Configuration, Normalisation
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,11 @@ def default_pad_value(folder: Path) -> float:
     so they look like the air around the body rather than like liver (0 = the foreground mean)."""
     path = Path(folder).parent / "plans.json"
     try:
-        norm = json.loads(path.read_text(encoding="utf-8"))["normalisation"]
-        value = (float(norm["clip_low"]) - float(norm["mean"])) / float(norm["std"])
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        norm = Normalisation(**json.loads(path.read_text(encoding="utf-8"))["normalisation"])
+    except (OSError, ValueError, KeyError, TypeError):
         log.debug("%s: no usable normalisation; padding images with 0", path)
         return 0.0
-    return float(np.float16(value)) if math.isfinite(value) else 0.0
+    return air_pad_value(norm)
 
 
 def _spec(folder: Path, case_ids: Sequence[str], config: Configuration, augment: bool, oversample_foreground: float,

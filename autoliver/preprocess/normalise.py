@@ -7,6 +7,8 @@ input is never modified.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from planning.plans import Normalisation
@@ -23,3 +25,11 @@ def normalise_ct(image: np.ndarray, norm: Normalisation) -> np.ndarray:
     out -= np.float32(norm.mean)
     out /= np.float32(norm.std)
     return out
+
+
+def air_pad_value(norm: Normalisation) -> float:
+    """The normalised air level (clip_low after normalisation), as float16 storage holds it:
+    what patches and sliding windows beyond the volume are padded with, so padding looks like
+    the air around the body rather than like liver (0 = the foreground mean)."""
+    value = (float(norm.clip_low) - float(norm.mean)) / float(norm.std) if norm.std else 0.0
+    return float(np.float16(value)) if math.isfinite(value) else 0.0

@@ -22,6 +22,7 @@ checkpoint was trained for extends training (the poly schedule then runs over th
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +41,9 @@ from autoliver.train.options import TrainOptions
 from autoliver.train.progress import append_log, plot_progress, rewrite_log
 from autoliver.train.schedule import BudgetPlan, poly_lr
 from autoliver.train.validation import summarise, validate_cases
+from autoliver.infer.sliding_window import tile_starts
 from autoliver.io.atomic import write_json
+from autoliver.preprocess.storage import load_properties
 from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,21 @@ log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 BUDGET_PROBE_ITERS = (2, 7)  # iterations timed in the first epoch to fit a budget
+
+
+def final_validation_seconds(s_per_patch: float, setup: "FoldSetup", step: float) -> float:
+    """Seconds the end-of-fold validation will take: the sliding-window tiles of every held-out
+    case (read from their properties) times the measured forward time of one patch."""
+    if not setup.val_cases or setup.fold == "all":
+        return 0.0
+    patch = setup.config.patch_size
+    tiles = 0
+    for case_id in setup.val_cases:
+        shape = load_properties(setup.data_folder, case_id)["shape_after_resampling"]
+        spatial = shape[-len(patch):]
+        n = math.prod(len(tile_starts(int(sz), int(p), step)) for sz, p in zip(spatial, patch))
+        tiles += n * (int(shape[0]) if len(patch) == 2 else 1)
+    return tiles * s_per_patch
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class Trainer:
         self.best_ema: float | None = None
         self.train_seconds = 0.0
         self.iters_per_epoch = options.iters_per_epoch
+        self.val_iters = options.val_iters  # a budget may shorten both
         self.budget: BudgetPlan | None = None
         self.loss: DeepSupervisionLoss | None = None
         self.finished = False
@@ -152,6 +171,7 @@ class Trainer:
             "best_ema": self.best_ema,
             "train_seconds": self.train_seconds,
             "iters_per_epoch": self.iters_per_epoch,
+            "val_iters": self.val_iters,
             "budget": None if self.budget is None else self.budget.to_json(),
             "network": {"arch": self.setup.arch, "n_classes": self.setup.n_classes, "class_names": list(self.setup.class_names)},
             "dataset": self.setup.dataset,
@@ -188,6 +208,7 @@ class Trainer:
         self.best_ema = state["best_ema"]
         self.train_seconds = float(state["train_seconds"])
         self.iters_per_epoch = int(state["iters_per_epoch"]) if self.options.budget_minutes else self.options.iters_per_epoch
+        self.val_iters = int(state.get("val_iters", self.options.val_iters)) if self.options.budget_minutes else self.options.val_iters
         if state.get("budget") and self.options.budget_minutes:
             b = BudgetPlan.from_json(state["budget"])
             self.budget = replace(b, budget_s=self.options.budget_minutes * 60.0, max_epochs=self.options.epochs)
@@ -236,7 +257,7 @@ class Trainer:
             if self.budget is not None and not self.history and it == BUDGET_PROBE_ITERS[1]:
                 per_iter = (time.perf_counter() - self._probe_t0) / (BUDGET_PROBE_ITERS[1] - BUDGET_PROBE_ITERS[0])
                 fitted = self.budget.fit_iterations(D.broadcast_float(per_iter, self.ctx))
-                self.budget, self.iters_per_epoch = fitted, fitted.iters_per_epoch
+                self.budget, self.iters_per_epoch, self.val_iters = fitted, fitted.iters_per_epoch, fitted.val_iters
             if it == BUDGET_PROBE_ITERS[0]:
                 self._probe_t0 = time.perf_counter()
         bar.close()
@@ -247,28 +268,32 @@ class Trainer:
 
     @torch.no_grad()
     def _val_epoch(self, loader) -> dict:
-        if self.options.val_iters == 0 or loader is None:
+        if self.val_iters == 0 or loader is None:
             return {"val_loss": None, "pseudo_dice": {}}
         self.network.eval()
         self.network.deep_supervision = False
         counts = torch.zeros((self.setup.n_classes - 1, 3), dtype=torch.float64)
         loss_sum = 0.0
-        for _ in range(self.options.val_iters):
+        forward_s, samples = 0.0, 0
+        for _ in range(self.val_iters):
             batch = next(loader)
+            t0 = time.perf_counter()
             data, target = batch["data"].to(self.device), batch["target"].to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 out = self.network(data)
             out = out[0] if isinstance(out, (list, tuple)) else out
+            forward_s += time.perf_counter() - t0
+            samples += int(data.shape[0])
             loss_sum += float(DeepSupervisionLoss(1, self.options.batch_dice)(out.float(), target))
             counts += confusion_counts(out.float(), target, self.setup.n_classes).cpu()
         self.network.deep_supervision = True
-        sums = D.all_reduce_sum(torch.cat([counts.flatten(), torch.tensor([loss_sum, self.options.val_iters], dtype=torch.float64)]), self.ctx)
+        sums = D.all_reduce_sum(torch.cat([counts.flatten(), torch.tensor([loss_sum, self.val_iters], dtype=torch.float64)]), self.ctx)
         counts = sums[:-2].reshape(-1, 3)
         dice = {}
         for c in range(1, self.setup.n_classes):
             tp, fp, fn = counts[c - 1].tolist()
             dice[self.setup.class_names[c]] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else float("nan")
-        return {"val_loss": float(sums[-2] / sums[-1]), "pseudo_dice": dice}
+        return {"val_loss": float(sums[-2] / sums[-1]), "pseudo_dice": dice, "val_s_per_patch": forward_s / max(samples, 1)}
 
     def _loaders(self):
         s, o, c = self.setup, self.options, self.ctx
@@ -308,7 +333,7 @@ class Trainer:
         """Train until the target epoch count (or the budget) is reached; write the final checkpoint."""
         o = self.options
         if o.budget_minutes is not None and self.budget is None:
-            self.budget = BudgetPlan.start(o.budget_minutes * 60.0, o.epochs, o.iters_per_epoch)
+            self.budget = BudgetPlan.start(o.budget_minutes * 60.0, o.epochs, o.iters_per_epoch, val_iters=o.val_iters if self.setup.val_cases else 0)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             rewrite_log(self.out / "log.jsonl", self.history)
@@ -328,6 +353,10 @@ class Trainer:
                     self.train_seconds += epoch_s
                     record.update(lr=lr, epoch_s=epoch_s, samples_per_s=record["samples"] / max(record["train_s"], 1e-9),
                                   iters=self.iters_per_epoch, world_size=self.ctx.world_size, time=time.time())
+                    if self.budget is not None and record.get("val_s_per_patch") and not self.budget.final_s:
+                        estimate = final_validation_seconds(s_per_patch=record["val_s_per_patch"], setup=self.setup, step=o.val_step)
+                        self.budget = replace(self.budget, final_s=D.broadcast_float(estimate / self.ctx.world_size, self.ctx))
+                        log.info("final validation estimated at %.0f s; %.0f s of the budget left for training", self.budget.final_s, self.budget.training_s)
                     if self.budget is not None:
                         mean_s = sum(r["epoch_s"] for r in self.history[-5:] + [record]) / len(self.history[-5:] + [record])
                         planned = int(D.broadcast_float(self.budget.update(self.epoch + 1, self.train_seconds, mean_s).planned_epochs, self.ctx))

@@ -1,0 +1,211 @@
+"""Predict a folder, a file or DICOM series: one segmentation and one report per case.
+
+Inputs (``discover_inputs``): a single image file; a folder of image files (NIfTI, NRRD,
+MHA/MHD; nnU-Net's ``<case>_0000`` naming accepted, other channel suffixes refused since
+autoliver takes CT only); a DICOM folder (one series, one case); or a folder of DICOM series
+folders (one case each; DICOM files loose next to them are ignored). Cases are sorted by id; ``--shard I/N`` keeps the cases whose index
+in that order is I modulo N, so N jobs sharing a folder split it exactly.
+
+Outputs per case, in ``output``: ``<case>.json`` (the report), ``<case>.npz`` (float16
+probabilities, on request), then ``<case>.nii.gz`` last: a case whose segmentation exists is
+finished and is skipped unless ``overwrite``. Every file is written atomically.
+
+A case that fails (unreadable, invalid) is logged with its path and the reason; the others
+are still predicted and the summary lists the failures (the CLI then exits non-zero).
+The next case is read and preprocessed in a background thread while the network runs on the
+current one (numpy, SciPy and torch release the GIL for their heavy work); at most two cases
+are in memory at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from autoliver import __version__
+from autoliver.infer.predictor import Model, predict_case, preprocess_for
+from autoliver.io.atomic import atomic_path, write_json
+from autoliver.io.images import image_suffix, is_dicom_folder, read_image, write_image
+from autoliver.report.case_report import case_report
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SUFFIX = ".nii.gz"
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case_id: str
+    path: Path  # an image file or a DICOM series folder
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    tta: bool = True
+    step: float = 0.5
+    save_probabilities: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    shard: tuple[int, int] | None = None  # (index, count)
+    prefetch: bool = True
+
+
+@dataclass
+class PredictSummary:
+    output: Path
+    predicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # case -> message
+    seconds: dict[str, float] = field(default_factory=dict)  # case -> total seconds
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
+        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _case_id(path: Path) -> tuple[str, str | None]:
+    """(case id, channel or None) of an image file name."""
+    stem = path.name[: -len(image_suffix(path))]
+    m = CHANNEL_RE.match(stem)
+    return (m["case"], m["channel"]) if m else (stem, None)
+
+
+def discover_inputs(source: str | Path) -> list[InputCase]:
+    """The cases under ``source`` sorted by id (see the module docstring)."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: input not found; give an image file, a folder of images or DICOM series folders")
+    if source.is_file():
+        if image_suffix(source) is None:
+            raise ValueError(f"{source}: not a recognised image (NIfTI, NRRD, MHA/MHD); give a folder for DICOM")
+        return [InputCase(_case_id(source)[0], source)]
+    cases: dict[str, Path] = {}
+    for child in sorted(source.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and image_suffix(child):
+            case, channel = _case_id(child)
+            if channel not in (None, "0000"):
+                log.warning("%s: channel %s ignored (autoliver takes one CT channel, _0000)", child, channel)
+                continue
+        elif child.is_dir() and is_dicom_folder(child):
+            case = child.name
+        else:
+            continue
+        if case in cases:
+            raise ValueError(f"{source}: case {case!r} given twice ({cases[case].name} and {child.name}); keep one")
+        cases[case] = child
+    if not cases and is_dicom_folder(source):  # the folder is one DICOM series
+        return [InputCase(source.name, source)]
+    if cases and any(c.is_file() and not image_suffix(c) for c in source.iterdir()) and is_dicom_folder(source):
+        log.warning("%s: DICOM files next to the cases' files/folders are ignored; put each series in its own folder", source)
+    if not cases:
+        raise ValueError(f"{source}: no images (NIfTI, NRRD, MHA/MHD) and no DICOM series folders found")
+    return [InputCase(c, p) for c, p in sorted(cases.items())]
+
+
+def select_shard(cases: list[InputCase], shard: tuple[int, int] | None) -> list[InputCase]:
+    if shard is None:
+        return list(cases)
+    index, count = shard
+    return [c for i, c in enumerate(cases) if i % count == index]
+
+
+def output_path(output: Path, case_id: str) -> Path:
+    return Path(output) / f"{case_id}{OUTPUT_SUFFIX}"
+
+
+def _load(model: Model, case: InputCase):
+    """Read and preprocess one case: (image geometry, prepared, read seconds, preprocess seconds)."""
+    t0 = time.perf_counter()
+    image, geometry = read_image(case.path, dtype=np.float32)
+    t1 = time.perf_counter()
+    prepared = preprocess_for(model, image, geometry)
+    del image
+    return geometry, prepared, t1 - t0, time.perf_counter() - t1
+
+
+def _finish(model: Model, case: InputCase, loaded, output: Path, options: PredictOptions) -> float:
+    geometry, prepared, t_read, t_pre = loaded
+    result = predict_case(model, None, geometry, tta=options.tta, step=options.step,
+                          save_probabilities=options.save_probabilities, prepared=prepared)
+    t0 = time.perf_counter()
+    timings = {"read_s": t_read, "preprocess_s": t_pre, **result.timings}
+    if result.probabilities is not None:
+        with atomic_path(output / f"{case.case_id}.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, probabilities=result.probabilities)
+    t1 = time.perf_counter()
+    report = case_report(result.seg, geometry, configuration=model.configuration.name, folds=model.fold_names,
+                         version=__version__, timings={**timings, "report_s": 0.0},
+                         extra={"case": case.case_id, "input": str(case.path), "tta": options.tta, "step": options.step,
+                                "arch": model.arch})
+    report["runtime_s"]["report_s"] = round(time.perf_counter() - t1, 4)
+    write_json(output / f"{case.case_id}.json", report)
+    write_image(output_path(output, case.case_id), result.seg, geometry)
+    return sum(timings.values()) + time.perf_counter() - t0
+
+
+def predict_inputs(model: Model, source: str | Path, output: str | Path, options: PredictOptions = PredictOptions()) -> PredictSummary:
+    """Predict every (not yet predicted) case of ``source`` into ``output``."""
+    output = Path(output).expanduser()
+    cases = select_shard(discover_inputs(source), options.shard)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary(output)
+    todo = []
+    for case in cases:
+        if output_path(output, case.case_id).exists() and not options.overwrite:
+            summary.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    if summary.skipped:
+        log.info("%d case(s) already predicted in %s (use --overwrite to redo them)", len(summary.skipped), output)
+    log.info("predicting %d case(s) with %s folds %s on %s", len(todo), model.configuration.name, ", ".join(model.fold_names), model.device)
+    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not options.progress)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoliver-prefetch") if options.prefetch else None
+    try:
+        def submit(case: InputCase) -> Future:
+            if pool is not None:
+                return pool.submit(_load, model, case)
+            fut: Future = Future()
+            try:
+                fut.set_result(_load(model, case))
+            except Exception as exc:  # noqa: BLE001 - reported per case below
+                fut.set_exception(exc)
+            return fut
+
+        pending = submit(todo[0]) if todo else None
+        for i, case in enumerate(todo):
+            current = pending
+            pending = submit(todo[i + 1]) if pool is not None and i + 1 < len(todo) else None
+            try:
+                loaded = current.result()
+                summary.seconds[case.case_id] = _finish(model, case, loaded, output, options)
+                summary.predicted.append(case.case_id)
+                log.info("%s: %s (%.1f s)", case.case_id, output_path(output, case.case_id), summary.seconds[case.case_id])
+            except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+                message = str(exc) if str(case.path) in str(exc) else f"{case.path}: {exc}"
+                summary.failed[case.case_id] = message
+                log.error("%s: failed: %s", case.case_id, summary.failed[case.case_id])
+                log.debug("traceback", exc_info=True)
+            finally:
+                del current
+            if pending is None and pool is None and i + 1 < len(todo):
+                pending = submit(todo[i + 1])
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return summary

@@ -1,0 +1,1 @@
+"""Reports: per-case measurements of a predicted segmentation."""
