@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from autoliver.errors import DatasetError
+from autoliver.errors import DatasetError, ImageReadError
 from autoliver.io.dataset import Case, RawDataset, discover
-from autoliver.io.images import Geometry, read_header, read_sitk
+from autoliver.io.images import Geometry, read_header, read_image, read_sitk
 from autoliver.io.nifti_raw import nifti_header_spacing, nifti_nonfinite_count
 from autoliver.parallel import parallel_map
 
@@ -83,6 +83,21 @@ def _read_voxels(path: Path) -> tuple[sitk.Image | None, list[str]]:
         return read_sitk(path), []
     except DatasetError as exc:
         return None, list(exc.problems)
+
+
+def read_checked_image(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Read one input image (Z, Y, X) after the checks ITK's readers would silently pass:
+    zero/NaN voxel size, NaN/Inf voxels, not 3D. Raises ImageReadError listing every problem."""
+    path = Path(path)
+    if path.is_file():
+        _, problems = _header_problems(path)
+        if problems:
+            raise ImageReadError(problems)
+    image, geometry = read_image(path)
+    n_bad = _nonfinite_count(path, image)
+    if n_bad:
+        raise ImageReadError(f"{path}: {n_bad} NaN/Inf voxels; replace them (e.g. with the scan's minimum HU) and re-export")
+    return image, geometry
 
 
 def _geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry, tol: Tolerances) -> list[str]:

@@ -3,7 +3,9 @@ kind (NIfTI file, `_0000` folder, DICOM series, oblique anisotropic MHA) keeps i
 geometry; skip/overwrite, a corrupt input among good ones, shards, TTA on and off."""
 
 import json
+import gzip
 import logging
+import struct
 import math
 
 import numpy as np
@@ -127,6 +129,30 @@ def test_corrupt_input_among_good_ones(model_ws, tmp_path, caplog):
     assert str(bad) in caplog.text and "Traceback" not in caplog.text
     assert len(list(out.glob("phantom_*.nii.gz"))) == 2
     assert not [p.name for p in out.iterdir() if p.name.startswith("broken") or p.name.startswith(".")]
+
+
+def test_inputs_that_itk_would_read_silently_are_refused(model_ws, tmp_path, caplog):
+    """NaN voxels (ITK reads them as 0) and a zero voxel size (ITK reads it as 1 mm) are errors
+    naming the file; the good case is still predicted."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = phantom_images(model_ws)[0]
+    (inp / good.name).write_bytes(good.read_bytes())
+    image = sitk.ReadImage(str(good), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(image)
+    arr[0, 0, :5] = np.nan
+    nan_img = sitk.GetImageFromArray(arr)
+    nan_img.CopyInformation(image)
+    sitk.WriteImage(nan_img, str(inp / "nanvox_0000.nii.gz"))
+    raw = bytearray(gzip.decompress(good.read_bytes()))
+    raw[80:84] = struct.pack("<f", 0.0)  # pixdim[1]: the x voxel size
+    (inp / "zerospacing_0000.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert predict(model_ws, inp, out, "--no-tta") == 1
+    assert "nanvox_0000.nii.gz" in caplog.text and "NaN" in caplog.text
+    assert "zerospacing_0000.nii.gz" in caplog.text and "spacing" in caplog.text
+    assert [p.name for p in out.glob("*.nii.gz")] == [good.name.replace("_0000", "")]
 
 
 def test_shards_cover_every_case_once(model_ws, tmp_path):

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from autoliver import __version__
 from autoliver.infer.predictor import Model, predict_case, preprocess_for
 from autoliver.io.atomic import atomic_path, write_json
-from autoliver.io.images import image_suffix, is_dicom_folder, read_image, write_image
+from autoliver.io.images import image_suffix, is_dicom_folder, write_image
 from autoliver.report.case_report import case_report
+from autoliver.validate import read_checked_image
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def output_path(output: Path, case_id: str) -> Path:
 def _load(model: Model, case: InputCase):
     """Read and preprocess one case: (image geometry, prepared, read seconds, preprocess seconds)."""
     t0 = time.perf_counter()
-    image, geometry = read_image(case.path, dtype=np.float32)
+    image, geometry = read_checked_image(case.path)  # int16 CT stays int16 until normalisation
     t1 = time.perf_counter()
     prepared = preprocess_for(model, image, geometry)
     del image
