@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autoliver.errors import DatasetError, MissingArtefactError, PlanError, StaleArtefactError
+from autoliver.errors import MissingArtefactError, PlanError, StaleArtefactError
 from autoliver.io.atomic import write_json
 from autoliver.io.dataset import RawDataset
 from autoliver.train.options import TrainOptions
@@ -25,8 +25,6 @@ if TYPE_CHECKING:  # prediction imports torch: only when it is used
     from autoliver.infer.runner import PredictOptions, PredictSummary
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GPU_MEMORY_GB = 8.0
 
 
 @dataclass(frozen=True)
@@ -50,12 +48,10 @@ class PreprocessSummary:
 
 def validate(dataset_spec: str | Path, workspace: Workspace, options: StageOptions = StageOptions()) -> RawDataset:
     """Check a raw dataset completely; raise one DatasetError listing every problem."""
-    from autoliver.validate import validate_dataset
+    from autoliver.validate import check_dataset
 
     root = resolve_dataset(dataset_spec, workspace)
-    dataset, problems = validate_dataset(root, n_jobs=options.n_jobs, progress=options.progress)
-    if problems or dataset is None:
-        raise DatasetError(problems)
+    dataset = check_dataset(root, n_jobs=options.n_jobs, progress=options.progress)
     log.info("%s: %d training and %d test cases, all valid", root, len(dataset.training), len(dataset.test))
     return dataset
 
@@ -124,7 +120,7 @@ def plan(fp: dict, device: str = "gpu", gpu_memory_gb: float | None = None) -> P
     if gpu_memory_gb is not None and not gpu_memory_gb > 0:
         raise ValueError(f"--gpu-memory must be a positive number of GB, got {gpu_memory_gb}")
     if device == "gpu":
-        budget = gpu_memory_gb or detect_gpu_memory_gb() or DEFAULT_GPU_MEMORY_GB
+        budget = gpu_memory_gb or detect_gpu_memory_gb()  # None: the planner's default (8 GB)
         return plan_experiment(fp, memory_gb=budget, device="gpu")
     return plan_experiment(fp, device="cpu", cpu_ram_gb=machine_ram_gb())
 
@@ -176,7 +172,7 @@ def plan_and_preprocess(
     summary = PreprocessSummary(dataset.name, fp_path, plans_path)
     summary.folders = {d: out_root / d for d in data_ids}
     summary.seconds = {"validate": t_validate - t0, "fingerprint": t_fp - t_validate, "preprocess": t_end - t_fp, "total": t_end - t0}
-    summary.cases = result if isinstance(result, dict) else {}
+    summary.cases = result
     return summary
 
 

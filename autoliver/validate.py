@@ -213,16 +213,10 @@ def validate_dataset(
     return dataset, problems
 
 
-def check_dataset(
-    root: Path,
-    n_jobs: int = 1,
-    progress: bool = True,
-    spacing_rtol: float = 1e-3,
-    origin_atol_mm: float = 1e-2,
-    direction_atol: float = 1e-3,
-) -> RawDataset:
-    """Validate and return the dataset; raise one DatasetError listing every problem."""
-    dataset, problems = validate_dataset(root, n_jobs, progress, spacing_rtol, origin_atol_mm, direction_atol)
+def check_dataset(root: Path, **options) -> RawDataset:
+    """Validate (``options`` as for ``validate_dataset``) and return the dataset; raise one
+    DatasetError listing every problem."""
+    dataset, problems = validate_dataset(root, **options)
     if problems or dataset is None:
         raise DatasetError(problems)
     return dataset

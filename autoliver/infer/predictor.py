@@ -34,6 +34,7 @@ from autoliver.errors import MissingArtefactError, StaleArtefactError
 from autoliver.io.images import Geometry
 from autoliver.preprocess.case import iter_preprocessed, map_back, map_back_probabilities
 from autoliver.train.checkpoint import load_checkpoint
+from autoliver.train.distributed import select_device
 from autoliver.train.validation import make_predictor, predict_volume
 from planning.plans import Configuration, Plans
 
@@ -77,17 +78,6 @@ class CasePrediction:
     seg: np.ndarray  # uint8 (Z, Y, X) in the input's grid
     probabilities: np.ndarray | None  # float16 (n_classes, Z, Y, X) in the input's grid, or None
     timings: dict[str, float]  # seconds per stage
-
-
-def select_device(choice: str) -> torch.device:
-    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {choice!r}")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def find_plans(model_dir: Path) -> Path:

@@ -115,19 +115,11 @@ class TrainResult:
     history: list
 
 
-def select_device(choice: str, ctx: D.DistContext = D.SINGLE) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise AutoliverError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 class Trainer:
     def __init__(self, setup: FoldSetup, options: TrainOptions, ctx: D.DistContext = D.SINGLE, components: Components | None = None):
         self.setup, self.options, self.ctx = setup, options, ctx
         self.components = components or default_components()
-        self.device = select_device(options.device, ctx)
+        self.device = D.select_device(options.device, ctx)
         self.out = Path(setup.output_dir)
         self.history: list[dict] = []
         self.epoch = 0
