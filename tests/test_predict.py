@@ -213,6 +213,9 @@ def test_3d_with_tta_and_a_fold_ensemble(model_ws, tmp_path):
 def test_model_folder_with_its_own_plans_and_a_latest_checkpoint_only(model_ws, tmp_path, caplog):
     import shutil
 
+    # training copied the plans into the model folder, so results/<dataset> is self-contained
+    copied = model_ws.results(DATASET) / "plans.json"
+    assert copied.read_bytes() == (model_ws.preprocessed(DATASET) / "plans.json").read_bytes()
     model = tmp_path / "my_model"
     shutil.copytree(model_ws.results(DATASET) / "2d" / "fold_0", model / "2d" / "fold_0")
     with pytest.raises(MissingArtefactError, match="plans.json"):

@@ -1,1 +1,2 @@
-"""Inference: sliding-window prediction (shared by training validation and prediction)."""
+"""Inference: sliding window (shared with training validation), models and ensembles, the
+cascade, ROI-first prediction, export to the input grid, and the folder runner."""

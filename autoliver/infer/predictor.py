@@ -1,27 +1,22 @@
-"""A trained model (plans + one network per fold) and the prediction of one case.
+"""A trained model (plans + one network per fold) and its probabilities for one volume.
 
 ``load_model`` reads a model folder, ``results/<dataset>/``: ``<configuration>/fold_<k>/``
 with ``checkpoint_final.pt`` (else ``checkpoint_best.pt``, else ``checkpoint_latest.pt``, with
 a warning) and the dataset's ``plans.json`` (in the model folder, else the workspace's
 ``preprocessed/<dataset>/plans.json``). Checkpoints are loaded with ``weights_only=True``.
+A ``3d_cascade_fullres`` model carries its ``3d_lowres`` stage (``Model.previous``).
 
-``predict_case`` runs one image through the stages
-
-    preprocess (crop to body, normalise, resample: ``iter_preprocessed``, no label)
-    -> network (sliding window per fold, mirroring test-time augmentation: logits averaged
-       over the mirrored copies, softmax averaged over the folds)
-    -> argmax in the preprocessed grid -> ``map_back`` of the uint8 label map
-
-so the only full-resolution array made is the uint8 label map (plus the per-class
-probabilities when they are asked for). The label map has the input's exact shape and is
-written with the input's geometry.
+``model_probabilities`` runs the sliding window per fold (mirroring test-time augmentation:
+logits averaged over the mirrored copies; softmax averaged over the folds) over a box of the
+preprocessed volume. The cascade first predicts the whole volume with the lowres stage,
+resamples its probabilities to the fullres grid and gives their argmax, one-hot, as extra
+input channels. ``predict_case`` (autoliver.infer.pipeline) puts it together for one image.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +27,10 @@ import torch
 from autoliver.preprocess.normalise import air_pad_value
 from autoliver.errors import MissingArtefactError, StaleArtefactError
 from autoliver.io.images import Geometry
-from autoliver.preprocess.case import iter_preprocessed, map_back, map_back_probabilities
+from autoliver.infer.precision import autocast_dtype
+from autoliver.infer.sliding_window import argmax_labels, tile_starts
+from autoliver.preprocess.case import iter_preprocessed
+from autoliver.preprocess.resample import resample_probabilities
 from autoliver.train.checkpoint import load_checkpoint
 from autoliver.train.distributed import select_device
 from autoliver.train.validation import make_predictor, predict_volume
@@ -41,10 +39,9 @@ from planning.plans import Configuration, Plans
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
-# default configuration when none is given: the first one trained (cascade stages need the
-# cascade at inference, which is not implemented yet)
-DEFAULT_ORDER = ("3d_fullres", "2.5d", "2d")
-UNSUPPORTED = ("3d_lowres", "3d_cascade_fullres")
+# default configuration when none is given (and no inference_plan.json): the first one trained
+DEFAULT_ORDER = ("3d_fullres", "3d_cascade_fullres", "2.5d", "2d", "3d_lowres")
+Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)) in a preprocessed grid
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,18 @@ class Model:
     n_classes: int
     device: torch.device
     pad_value: float
+    autocast: torch.dtype | None = None  # network precision (None: float32)
+    previous: "Model | None" = None  # cascade: the stage whose prediction is extra input
 
     @property
     def fold_names(self) -> tuple[str, ...]:
         return tuple(f.fold for f in self.folds)
 
-
-@dataclass(frozen=True)
-class CasePrediction:
-    seg: np.ndarray  # uint8 (Z, Y, X) in the input's grid
-    probabilities: np.ndarray | None  # float16 (n_classes, Z, Y, X) in the input's grid, or None
-    timings: dict[str, float]  # seconds per stage
+    @property
+    def data_identifiers(self) -> tuple[str, ...]:
+        """Preprocessed grids this model reads (its own and its previous stage's)."""
+        own = (self.configuration.data_identifier,)
+        return own if self.previous is None else tuple(dict.fromkeys(self.previous.data_identifiers + own))
 
 
 def find_plans(model_dir: Path) -> Path:
@@ -113,8 +111,6 @@ def _choose_configuration(model_dir: Path, plans: Plans, configuration: str | No
     if configuration is not None:
         if configuration not in plans.configurations:
             raise ValueError(f"configuration {configuration!r} not in the plans; planned: {', '.join(plans.configurations)}")
-        if configuration in UNSUPPORTED:
-            raise ValueError(f"configuration {configuration!r}: the cascade is not yet supported at inference; use 3d_fullres, 2.5d or 2d")
         return configuration
     trained = [c for c in DEFAULT_ORDER if any((model_dir / c).glob("fold_*/checkpoint_*.pt"))]
     if not trained:
@@ -124,10 +120,12 @@ def _choose_configuration(model_dir: Path, plans: Plans, configuration: str | No
 
 
 def load_model(model_dir: str | Path, configuration: str | None = None, folds: Sequence[str | int] | None = None,
-               device: str | torch.device = "cpu") -> Model:
+               device: str | torch.device = "cpu", precision: str = "auto") -> Model:
     """Load the plans and the networks of ``configuration``'s ``folds``.
 
-    Default folds: every numbered fold with a checkpoint, else ``all``.
+    Default folds: every numbered fold with a checkpoint, else ``all``. A cascade
+    configuration also loads its previous stage (the same folds when it has them all, else
+    its default folds). ``precision``: see autoliver.infer.precision.
     """
     from autoliver.nets.registry import build_network, net_spec
 
@@ -169,7 +167,13 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
         log.info("loaded %s (epoch %d)", path, int(state["epoch"]))
     config = plans.configurations[name]
     pad_value = air_pad_value(plans.normalisation)
-    return Model(model_dir, plans, config, tuple(networks), arch or "unet", n_classes, device, pad_value)
+    previous = None
+    if config.previous_stage:
+        prev_dir = model_dir / config.previous_stage
+        have_all = all(_fold_checkpoint(prev_dir / f"fold_{f}") is not None for f in wanted)
+        previous = load_model(model_dir, config.previous_stage, wanted if have_all else None, device, precision)
+    return Model(model_dir, plans, config, tuple(networks), arch or "unet", n_classes, device, pad_value,
+                 autocast_dtype(precision, device), previous)
 
 
 def mirrored(predictor, spatial_axes: Sequence[int]):
@@ -193,46 +197,102 @@ def tta_axes(config: Configuration) -> tuple[int, ...]:
     return (2, 3, 4) if config.network_dims == 3 else (2, 3)
 
 
-def predict_preprocessed(model: Model, data: np.ndarray, tta: bool = True, step: float = 0.5) -> np.ndarray:
-    """Softmax probabilities (n_classes, Z, Y, X) float32 of a preprocessed volume, averaged over folds."""
+def _fold_probabilities(model: Model, fold: FoldNetwork, data: np.ndarray, tta: bool, step: float,
+                        prev_seg: np.ndarray | None, starts=None) -> torch.Tensor:
+    predictor = make_predictor(fold.network, model.device, model.autocast)
+    if tta:
+        predictor = mirrored(predictor, tta_axes(model.configuration))
+    return predict_volume(predictor, data, model.configuration, model.n_classes, model.device, step, prev_seg=prev_seg,
+                          pad_value=model.pad_value, starts=starts)
+
+
+def aligned_tiling(shape: Sequence[int], box: Box, config: Configuration, step: float) -> tuple[Box, list[list[int]]]:
+    """The whole volume's tiles (``shape``) that reach into ``box``: (the box they span, their
+    starts relative to it, per network axis). Predicting that box with those starts gives
+    exactly the whole-volume result inside ``box``: every tile covering a voxel of it is run."""
+    patch = tuple(config.patch_size)
+    axes = range(3) if len(patch) == 3 else range(1, 3)
+    out = [tuple(int(v) for v in b) for b in box]
+    starts = []
+    for axis, p in zip(axes, patch):
+        n, (lo, hi) = int(shape[axis]), box[axis]
+        if n <= p:
+            out[axis] = (0, n)
+            starts.append([0])
+            continue
+        keep = [s for s in tile_starts(n, p, step) if s < hi and s + p > lo]
+        out[axis] = (keep[0], keep[-1] + p)
+        starts.append([s - keep[0] for s in keep])
+    return tuple(out), starts
+
+
+def predict_preprocessed(model: Model, data: np.ndarray, tta: bool = True, step: float = 0.5,
+                         prev_seg: np.ndarray | None = None, starts=None) -> torch.Tensor:
+    """Softmax probabilities (n_classes, Z, Y, X) float32 of a preprocessed (Z, Y, X) volume,
+    averaged over folds (one accumulator plus one fold's output at a time)."""
     total = None
     with torch.inference_mode():
         for fold in model.folds:
-            predictor = make_predictor(fold.network, model.device, None)
-            if tta:
-                predictor = mirrored(predictor, tta_axes(model.configuration))
-            probs = predict_volume(predictor, data, model.configuration, model.n_classes, model.device, step, pad_value=model.pad_value)
+            probs = _fold_probabilities(model, fold, data, tta, step, prev_seg, starts)
             total = probs if total is None else total.add_(probs)
             del probs
         if len(model.folds) > 1:
             total /= len(model.folds)
-    return total.numpy()
+    return total
 
 
-def preprocess_for(model: Model, image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, dict]:
-    """The image in the configuration's preprocessed grid and the properties that map back."""
-    _, data, _, props = next(iter_preprocessed(image, geometry, None, model.plans, [model.configuration.data_identifier]))
-    return data, props
+def crop_box(array: np.ndarray, box: Box | None) -> np.ndarray:
+    """The ``box`` of the last three axes of ``array`` (a view; the whole array for None)."""
+    if box is None:
+        return array
+    return array[(Ellipsis, *(slice(a, b) for a, b in box))]
 
 
-def predict_case(model: Model, image: np.ndarray, geometry: Geometry, tta: bool = True, step: float = 0.5,
-                 save_probabilities: bool = False, prepared: tuple[np.ndarray, dict] | None = None) -> CasePrediction:
-    """Segment one (Z, Y, X) CT in HU; labels in ``geometry``'s grid (see the module docstring).
+def previous_stage_labels(model: Model, prepared: dict[str, tuple[np.ndarray, dict]], tta: bool = True,
+                          step: float = 0.5) -> np.ndarray:
+    """A cascade's extra input: its previous stage's prediction of the whole volume, resampled
+    (probabilities, linearly) to this model's grid, as uint8 labels (Z, Y, X)."""
+    prev = model.previous
+    if prev is None:
+        raise ValueError(f"{model.configuration.name} has no previous stage")
+    probs = model_probabilities(prev, prepared, None, tta, step).numpy()
+    shape = prepared[model.configuration.data_identifier][0].shape
+    if tuple(probs.shape[1:]) != tuple(shape):
+        probs = resample_probabilities(probs, shape)
+    return argmax_labels(probs)
 
-    ``prepared`` = ``preprocess_for(model, image, geometry)`` computed ahead (a prefetch thread).
+
+def model_probabilities(model: Model, prepared: dict[str, tuple[np.ndarray, dict]], box: Box | None = None,
+                        tta: bool = True, step: float = 0.5, prev_labels: np.ndarray | None = None) -> torch.Tensor:
+    """Probabilities (n_classes, *box shape) float32 of ``model`` over ``box`` of its own grid:
+    the whole-volume tiling's tiles that reach into ``box`` are run (``aligned_tiling``).
+
+    ``prepared``: data identifier -> (preprocessed data, properties). For a cascade
+    ``prev_labels`` (its previous stage's labels in this grid) is computed when not given.
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    data, props = prepared if prepared is not None else preprocess_for(model, image, geometry)
-    t1 = time.perf_counter()
-    if prepared is None:
-        timings["preprocess_s"] = t1 - t0
-    probs = predict_preprocessed(model, data, tta=tta, step=step)
-    t2 = time.perf_counter()
-    timings["network_s"] = t2 - t1
-    seg = map_back(probs.argmax(0).astype(np.uint8), props)
-    full_probs = map_back_probabilities(probs, props).astype(np.float16) if save_probabilities else None
-    timings["export_s"] = time.perf_counter() - t2
-    if seg.shape != tuple(geometry.shape):  # map_back guarantees it; a mismatch is a bug
-        raise RuntimeError(f"label map shape {seg.shape} differs from the input's {geometry.shape}")
-    return CasePrediction(seg, full_probs, timings)
+    data = prepared[model.configuration.data_identifier][0]
+    region, starts = (None, None) if box is None else aligned_tiling(data.shape, box, model.configuration, step)
+    prev_seg = None
+    if model.previous is not None:
+        if prev_labels is None:
+            prev_labels = previous_stage_labels(model, prepared, tta, step)
+        prev_seg = crop_box(prev_labels, region)
+    probs = predict_preprocessed(model, crop_box(data, region), tta=tta, step=step, prev_seg=prev_seg, starts=starts)
+    if region is None or region == tuple(box):
+        return probs
+    inner = tuple((a - r0, b - r0) for (a, b), (r0, _) in zip(box, region))
+    return crop_box(probs, inner).contiguous()
+
+
+def preprocess_for(model, image: np.ndarray, geometry: Geometry) -> dict[str, tuple[np.ndarray, dict]]:
+    """The image in every preprocessed grid ``model`` (a Model or an Ensemble) reads:
+    data identifier -> (data, properties that map back)."""
+    idents = list(model.data_identifiers)
+    return {ident: (data, props) for ident, data, _, props in iter_preprocessed(image, geometry, None, model.plans, idents)}
+
+
+def predict_case(model, image: np.ndarray, geometry: Geometry, **kwargs):
+    """``autoliver.infer.pipeline.predict_case`` (kept here for existing callers)."""
+    from autoliver.infer.pipeline import predict_case as run
+
+    return run(model, image, geometry, **kwargs)

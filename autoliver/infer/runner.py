@@ -14,7 +14,9 @@ A case that fails (unreadable, invalid) is logged with its path and the reason; 
 are still predicted and the summary lists the failures (the CLI then exits non-zero).
 The next case is read and preprocessed in a background thread while the network runs on the
 current one (numpy, SciPy and torch release the GIL for their heavy work); at most two cases
-are in memory at once.
+are in memory at once. Each case's report records, in ``runtime_s``, the time spent waiting
+for its input (``wait_input_s``: 0 when the prefetch was ahead), in the network and in the
+export, and the wall-clock times (``events``) at which its input was ready and it finished.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import numpy as np
 from tqdm import tqdm
 
 from autoliver import __version__
-from autoliver.infer.predictor import Model, predict_case, preprocess_for
+from autoliver.infer.ensemble import Ensemble
+from autoliver.infer.pipeline import ROI_DEFAULT, as_ensemble, predict_case
+from autoliver.infer.predictor import Model, preprocess_for
+from autoliver.infer.roi import MARGIN_MM
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.io.images import image_suffix, is_dicom_folder, write_image
 from autoliver.report.case_report import case_report
@@ -57,6 +62,9 @@ class PredictOptions:
     progress: bool = True
     shard: tuple[int, int] | None = None  # (index, count)
     prefetch: bool = True
+    roi: bool = ROI_DEFAULT  # ROI-first inference (autoliver.infer.roi)
+    roi_margin_mm: float = MARGIN_MM
+    precision: str = "auto"  # the models' precision (applied when they are loaded: api.predict)
 
 
 @dataclass
@@ -66,6 +74,16 @@ class PredictSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # case -> message
     seconds: dict[str, float] = field(default_factory=dict)  # case -> total seconds
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # case -> seconds per stage
+    events: dict[str, dict[str, float]] = field(default_factory=dict)  # case -> wall-clock times (input_ready, finished)
+
+    def stage_totals(self) -> dict[str, float]:
+        """Seconds per stage summed over the predicted cases (wait_input_s, network_s, export_s, ...)."""
+        out: dict[str, float] = {}
+        for t in self.timings.values():
+            for k, v in t.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -128,38 +146,47 @@ def output_path(output: Path, case_id: str) -> Path:
     return Path(output) / f"{case_id}{OUTPUT_SUFFIX}"
 
 
-def _load(model: Model, case: InputCase):
-    """Read and preprocess one case: (image geometry, prepared, read seconds, preprocess seconds)."""
+def _load(model: Ensemble, case: InputCase):
+    """Read and preprocess one case: (geometry, prepared, read seconds, preprocess seconds, ready time)."""
     t0 = time.perf_counter()
     image, geometry = read_checked_image(case.path)  # int16 CT stays int16 until normalisation
     t1 = time.perf_counter()
     prepared = preprocess_for(model, image, geometry)
     del image
-    return geometry, prepared, t1 - t0, time.perf_counter() - t1
+    return geometry, prepared, t1 - t0, time.perf_counter() - t1, time.time()
 
 
-def _finish(model: Model, case: InputCase, loaded, output: Path, options: PredictOptions) -> float:
-    geometry, prepared, t_read, t_pre = loaded
-    result = predict_case(model, None, geometry, tta=options.tta, step=options.step,
-                          save_probabilities=options.save_probabilities, prepared=prepared)
+def _finish(model: Ensemble, case: InputCase, loaded, output: Path, options: PredictOptions, wait_s: float) -> tuple[dict, dict]:
+    geometry, prepared, t_read, t_pre, ready_at = loaded
+    result = predict_case(model, None, geometry, tta=options.tta, step=options.step, save_probabilities=options.save_probabilities,
+                          prepared=prepared, roi=options.roi, roi_margin_mm=options.roi_margin_mm)
     t0 = time.perf_counter()
-    timings = {"read_s": t_read, "preprocess_s": t_pre, **result.timings}
+    timings = {"read_s": t_read, "preprocess_s": t_pre, "wait_input_s": wait_s, **result.timings}
     if result.probabilities is not None:
         with atomic_path(output / f"{case.case_id}.npz", suffix=".npz") as tmp:
             np.savez_compressed(tmp, probabilities=result.probabilities)
     t1 = time.perf_counter()
-    report = case_report(result.seg, geometry, configuration=model.configuration.name, folds=model.fold_names,
+    folds = list(dict.fromkeys(f for names in result.info["folds"].values() for f in names))
+    report = case_report(result.seg, geometry, configuration="+".join(result.info["configurations"]), folds=folds,
                          version=__version__, timings={**timings, "report_s": 0.0},
                          extra={"case": case.case_id, "input": str(case.path), "tta": options.tta, "step": options.step,
-                                "arch": model.arch})
-    report["runtime_s"]["report_s"] = round(time.perf_counter() - t1, 4)
+                                "arch": "+".join(dict.fromkeys(result.info["arch"].values())), "models": result.info,
+                                "roi": result.info["roi"], "precision": result.info["precision"],
+                                "postprocessing": [s["name"] for s in result.info["postprocessing"]]})
+    t2 = time.perf_counter()
+    timings["report_s"] = t2 - t1
+    timings["export_s"] = timings.get("export_s", 0.0) + (t1 - t0)  # + writing the probabilities
+    report["runtime_s"] = {k: round(float(v), 4) for k, v in timings.items()}
+    report["events"] = {"input_ready": ready_at, "finished": time.time()}  # wall-clock (epoch seconds)
     write_json(output / f"{case.case_id}.json", report)
-    write_image(output_path(output, case.case_id), result.seg, geometry)
-    return sum(timings.values()) + time.perf_counter() - t0
+    write_image(output_path(output, case.case_id), result.seg, geometry)  # last: marks the case done
+    timings["export_s"] += time.perf_counter() - t2
+    return timings, report["events"]
 
 
-def predict_inputs(model: Model, source: str | Path, output: str | Path, options: PredictOptions = PredictOptions()) -> PredictSummary:
+def predict_inputs(model: Model | Ensemble, source: str | Path, output: str | Path, options: PredictOptions = PredictOptions()) -> PredictSummary:
     """Predict every (not yet predicted) case of ``source`` into ``output``."""
+    model = as_ensemble(model)
     output = Path(output).expanduser()
     cases = select_shard(discover_inputs(source), options.shard)
     output.mkdir(parents=True, exist_ok=True)
@@ -172,7 +199,8 @@ def predict_inputs(model: Model, source: str | Path, output: str | Path, options
             todo.append(case)
     if summary.skipped:
         log.info("%d case(s) already predicted in %s (use --overwrite to redo them)", len(summary.skipped), output)
-    log.info("predicting %d case(s) with %s folds %s on %s", len(todo), model.configuration.name, ", ".join(model.fold_names), model.device)
+    log.info("predicting %d case(s) with %s on %s (ROI %s)", len(todo), ", ".join(f"{c} folds {'/'.join(f)}" for c, f in model.folds.items()),
+             model.device, "on" if options.roi else "off")
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not options.progress)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoliver-prefetch") if options.prefetch else None
     try:
@@ -190,9 +218,16 @@ def predict_inputs(model: Model, source: str | Path, output: str | Path, options
         for i, case in enumerate(todo):
             current = pending
             pending = submit(todo[i + 1]) if pool is not None and i + 1 < len(todo) else None
+            loaded = None
             try:
+                t_wait = time.perf_counter()
                 loaded = current.result()
-                summary.seconds[case.case_id] = _finish(model, case, loaded, output, options)
+                wait_s = time.perf_counter() - t_wait if pool is not None else 0.0
+                timings, events = _finish(model, case, loaded, output, options, wait_s)
+                summary.timings[case.case_id] = timings
+                summary.events[case.case_id] = events
+                summary.seconds[case.case_id] = sum(v for k, v in timings.items() if k not in ("read_s", "preprocess_s")) + \
+                    (0.0 if pool is not None else timings["read_s"] + timings["preprocess_s"])
                 summary.predicted.append(case.case_id)
                 log.info("%s: %s (%.1f s)", case.case_id, output_path(output, case.case_id), summary.seconds[case.case_id])
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
@@ -201,7 +236,7 @@ def predict_inputs(model: Model, source: str | Path, output: str | Path, options
                 log.error("%s: failed: %s", case.case_id, summary.failed[case.case_id])
                 log.debug("traceback", exc_info=True)
             finally:
-                del current
+                del current, loaded  # the case's arrays go before the next case's are loaded
             if pending is None and pool is None and i + 1 < len(todo):
                 pending = submit(todo[i + 1])
             bar.update(1)

@@ -39,19 +39,49 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
 
 
-def gaussian_weights(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
-    """Gaussian importance map of ``patch_size`` (float32, peak 1, no zeros)."""
+def gaussian_axes(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> list[torch.Tensor]:
+    """One float64 Gaussian per axis (peak 1); their outer product is ``gaussian_weights``."""
     axes = []
     for p in patch_size:
         x = torch.arange(p, dtype=torch.float64) - (p - 1) / 2.0
         sigma = max(p * sigma_scale, 1e-3)
         axes.append(torch.exp(-0.5 * (x / sigma) ** 2))
+    return axes
+
+
+def _outer(axes: Sequence[torch.Tensor]) -> torch.Tensor:
     g = axes[0]
     for a in axes[1:]:
         g = g[..., None] * a
+    return g
+
+
+def gaussian_weights(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """Gaussian importance map of ``patch_size`` (float32, peak 1, no zeros)."""
+    g = _outer(gaussian_axes(patch_size, sigma_scale))
     g = g / g.max()
     g = torch.clamp(g, min=float(g[g > 0].min()))
     return g.to(torch.float32)
+
+
+def softmax_(logits: torch.Tensor, dim: int = 0, chunk: int = 8) -> torch.Tensor:
+    """Softmax over ``dim`` of (C, Z, ...) in place, ``chunk`` slices of axis 1 at a time
+    (no second full-size copy); returns ``logits``."""
+    if dim != 0:
+        raise ValueError("softmax_ works over the class axis 0")
+    for z0 in range(0, logits.shape[1], chunk):
+        part = logits[:, z0 : z0 + chunk]
+        part.copy_(torch.softmax(part, dim=0))
+    return logits
+
+
+def argmax_labels(probs: torch.Tensor | np.ndarray, chunk: int = 8) -> np.ndarray:
+    """(C, Z, ...) scores -> uint8 argmax labels (Z, ...), ``chunk`` slices at a time (no int64 volume)."""
+    out = np.empty(tuple(probs.shape[1:]), dtype=np.uint8)
+    for z0 in range(0, probs.shape[1], chunk):
+        part = probs[:, z0 : z0 + chunk]
+        out[z0 : z0 + chunk] = (part.argmax(0).numpy() if isinstance(part, torch.Tensor) else part.argmax(0)).astype(np.uint8)
+    return out
 
 
 def _pad_to(images: torch.Tensor, patch: Sequence[int], value: float | Sequence[float] = 0.0) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -87,10 +117,14 @@ def sliding_window_predict_batch(
     gaussian: bool = True,
     tiles_per_call: int = 1,
     pad_value: float | Sequence[float] = 0.0,
+    starts: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Predict (N, C, *spatial) -> (N, n_classes, *spatial) float32, all N images tiled alike.
 
-    Each predictor call gets ``tiles_per_call`` tile positions x N images.
+    Each predictor call gets ``tiles_per_call`` tile positions x N images. ``starts``: the
+    tile start indices per axis (default ``tile_starts``), e.g. a larger volume's tiling
+    restricted to a box, so that the box gets exactly that volume's result; they must cover
+    the image.
     """
     if images.ndim != len(patch_size) + 2:
         raise ValueError(f"images must be (N, C, *spatial) with {len(patch_size)} spatial axes for patch {tuple(patch_size)}, got shape {tuple(images.shape)}")
@@ -103,11 +137,24 @@ def sliding_window_predict_batch(
     spatial = padded.shape[2:]
     stitch = padded.device
     out = torch.zeros((n, n_classes, *spatial), dtype=torch.float32, device=stitch)
-    norm = torch.zeros(spatial, dtype=torch.float32, device=stitch)
-    weight = gaussian_weights(patch) if gaussian else torch.ones(patch, dtype=torch.float32)
-    weight_dev = weight.to(device)
-    weight = weight.to(stitch)
-    positions = list(itertools.product(*(tile_starts(s, p, step) for s, p in zip(spatial, patch))))
+    # weights and tile positions are both products over the axes, so the summed weight is the
+    # outer product of per-axis sums: no full-size weight volume is kept
+    axes = gaussian_axes(patch) if gaussian else [torch.ones(p, dtype=torch.float64) for p in patch]
+    if starts is None:
+        starts = [tile_starts(s, p, step) for s, p in zip(spatial, patch)]
+    else:
+        starts = [sorted(int(v) for v in st) for st in starts]
+        for st, s, p in zip(starts, spatial, patch):
+            if not st or st[0] != 0 or st[-1] != s - p or any(b - a > p for a, b in zip(st, st[1:])):
+                raise ValueError(f"tile starts {st} do not cover an axis of {s} voxels with patch {p}")
+    weight_dev = _outer(axes).to(device=device, dtype=torch.float32)
+    norms = []
+    for a, st, s in zip(axes, starts, spatial):
+        acc = torch.zeros(s, dtype=torch.float64)
+        for s0 in st:
+            acc[s0 : s0 + len(a)] += a
+        norms.append(acc)
+    positions = list(itertools.product(*starts))
     for i in range(0, len(positions), tiles_per_call):
         chunk = positions[i : i + tiles_per_call]
         slices = [tuple(slice(s, s + p) for s, p in zip(pos, patch)) for pos in chunk]
@@ -118,8 +165,11 @@ def sliding_window_predict_batch(
         pred = (pred.float() * weight_dev).to(stitch)
         for k, sl in enumerate(slices):
             out[(slice(None), slice(None), *sl)] += pred[k * n : (k + 1) * n]
-            norm[sl] += weight
-    out /= norm
+    inner = _outer(norms[1:]).to(torch.float32).to(stitch) if len(norms) > 1 else None
+    for i0 in range(0, spatial[0], 8):  # divide by the summed weights, a few slices at a time
+        first = norms[0][i0 : i0 + 8].to(torch.float32).to(stitch)
+        norm = first.reshape(-1, *([1] * (len(spatial) - 1))) * inner if inner is not None else first
+        out[:, :, i0 : i0 + 8] /= norm
     return out[(slice(None), slice(None), *crop)]
 
 
@@ -134,12 +184,14 @@ def sliding_window_predict(
     gaussian: bool = True,
     tiles_per_call: int = 1,
     pad_value: float | Sequence[float] = 0.0,
+    starts: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Predict one image (C, *spatial) -> (n_classes, *spatial) float32 (Gaussian-weighted mean
     of the predictor's outputs: logits or probabilities, whichever it returns)."""
     if image.ndim != len(patch_size) + 1:
         raise ValueError(f"image must be (C, *spatial) with {len(patch_size)} spatial axes for patch {tuple(patch_size)}, got shape {tuple(image.shape)}")
-    return sliding_window_predict_batch(predictor, image[None], patch_size, step, n_classes, device, dtype, gaussian, tiles_per_call, pad_value)[0]
+    return sliding_window_predict_batch(predictor, image[None], patch_size, step, n_classes, device, dtype, gaussian, tiles_per_call,
+                                        pad_value, starts)[0]
 
 
 def stack_slices(volume: torch.Tensor, z: Sequence[int], k: int) -> torch.Tensor:
@@ -167,25 +219,31 @@ def predict_slicewise(
     dtype: torch.dtype = torch.float32,
     gaussian: bool = True,
     pad_value: float | Sequence[float] = 0.0,
+    slices: Sequence[int] | None = None,
+    starts: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """A 2D predictor over a volume: (C, Z, Y, X) -> (n_classes, Z, Y, X) float32.
 
     Slices go through the 2D sliding window ``slices_per_call`` at a time; with ``in_slices``
     = k > 1 (2.5d) each slice's input is the k slices around it. ``extra`` (E, Z, Y, X) adds
     per-slice channels after the image channels (a previous stage's one-hot prediction).
+    ``slices``: predict only these slice indices; the output is then (n_classes, len(slices), Y, X).
+    ``starts``: in-plane tile starts (see ``sliding_window_predict_batch``).
     """
     if volume.ndim != 4 or len(patch_size) != 2:
         raise ValueError(f"expected a (C, Z, Y, X) volume and a (Y, X) patch, got {tuple(volume.shape)} and {tuple(patch_size)}")
-    n_z = volume.shape[1]
-    out = torch.empty((n_classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
-    for z0 in range(0, n_z, slices_per_call):
-        zs = list(range(z0, min(n_z, z0 + slices_per_call)))
+    index = list(range(volume.shape[1])) if slices is None else [int(z) for z in slices]
+    out = torch.empty((n_classes, len(index), *volume.shape[2:]), dtype=torch.float32, device=volume.device)
+    for z0 in range(0, len(index), slices_per_call):
+        rows = list(range(z0, min(len(index), z0 + slices_per_call)))
+        zs = [index[r] for r in rows]
         batch = stack_slices(volume, zs, in_slices)
         pads = pad_value
         if extra is not None:
             batch = torch.cat([batch, extra[:, zs].permute(1, 0, 2, 3).to(batch.dtype)], dim=1)
             if isinstance(pad_value, (int, float)):  # the extra channels are one-hot maps: pad them with 0
                 pads = [float(pad_value)] * (batch.shape[1] - extra.shape[0]) + [0.0] * extra.shape[0]
-        pred = sliding_window_predict_batch(predictor, batch, patch_size, step, n_classes, device, dtype, gaussian, pad_value=pads)
-        out[:, zs] = pred.permute(1, 0, 2, 3)
+        pred = sliding_window_predict_batch(predictor, batch, patch_size, step, n_classes, device, dtype, gaussian, pad_value=pads,
+                                            starts=starts)
+        out[:, rows[0] : rows[-1] + 1] = pred.permute(1, 0, 2, 3)
     return out

@@ -24,10 +24,10 @@ from scipy import ndimage
 from autoliver.io.images import Geometry
 from autoliver.preprocess.normalise import normalise_ct
 from autoliver.preprocess.resample import (
+    axis_weights,
     is_anisotropic,
     new_shape_for,
     resample_labels,
-    resample_probabilities,
     resample_to_shape,
 )
 from planning.crop import bbox_of, body_bbox, box_shape, crop
@@ -41,6 +41,7 @@ TUMOUR_LABEL = 2
 SAMPLED_CLASSES = (1, 2)  # liver, tumour
 DATA_DTYPE = np.float16
 FLOAT16_SAFE = 60000.0
+CHUNK_SLICES_VOXELS = 1024 * 1024  # output voxels per chunk when mapping probabilities back
 
 
 def crop_and_normalise(image: np.ndarray, label: np.ndarray | None, plans: Plans):
@@ -186,15 +187,59 @@ def map_back(seg: np.ndarray, properties: dict) -> np.ndarray:
     return out
 
 
-def map_back_probabilities(probs: np.ndarray, properties: dict) -> np.ndarray:
+def _linear_taps(n_in: int, n_out: int, lo: int, hi: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """The output indices [j0, j1) whose linear taps touch input [lo, hi), and their taps
+    (indices (j1 - j0, 2), weights (j1 - j0, 2)) as in ``resample_probabilities``."""
+    idx, w = axis_weights(n_in, n_out, 1)
+    touched = np.flatnonzero(((idx >= lo) & (idx < hi) & (w != 0)).any(axis=1))
+    if touched.size == 0:
+        return 0, 0, idx[:0], w[:0]
+    j0, j1 = int(touched[0]), int(touched[-1]) + 1
+    return j0, j1, idx[j0:j1], w[j0:j1]
+
+
+def map_back_probabilities(probs: np.ndarray, properties: dict, box: Sequence[Sequence[int]] | None = None,
+                           dtype=np.float32) -> np.ndarray:
     """Per-class probabilities (C, Z, Y, X) in the preprocessed grid -> the original grid.
 
-    Linear resampling; outside the crop box class 0 (background) has probability 1.
+    Linear resampling (as ``resample_probabilities``); outside the crop box class 0
+    (background) has probability 1. ``box`` ((z0, z1), (y0, y1), (x0, x1)) in the preprocessed
+    grid says where ``probs`` lies (an ROI; outside it the background has probability 1): only
+    the original voxels whose interpolation taps reach into it are computed. Work goes class by
+    class and in chunks of output slices into the ``dtype`` result, so no float32 copy of the
+    whole multi-channel volume is made.
     """
-    geometry, box, cropped_shape = _original(properties)
+    geometry, crop_box, cropped_shape = _original(properties)
     if probs.ndim != 4:
         raise ValueError(f"expected a 4D (C, Z, Y, X) array, got shape {probs.shape}")
-    out = np.zeros((probs.shape[0],) + geometry.shape, dtype=np.float32)
+    pre_shape = tuple(int(v) for v in properties.get("shape_after_resampling", probs.shape[1:]))
+    box = tuple((0, n) for n in pre_shape) if box is None else tuple((int(a), int(b)) for a, b in box)
+    if tuple(b - a for a, b in box) != tuple(probs.shape[1:]) or any(a < 0 or b > n for (a, b), n in zip(box, pre_shape)):
+        raise ValueError(f"probabilities of shape {probs.shape[1:]} do not fill the box {box} of the preprocessed shape {pre_shape}")
+    out = np.zeros((probs.shape[0],) + geometry.shape, dtype=dtype)
     out[0] = 1.0
-    crop(out, box)[...] = resample_probabilities(probs, cropped_shape)
+    taps = [_linear_taps(n_in, n_out, lo, hi) for n_in, n_out, (lo, hi) in zip(pre_shape, cropped_shape, box)]
+    if any(j1 == j0 for j0, j1, _, _ in taps):
+        return out
+    # the input block the taps read: the box plus the constant (background) voxels around it
+    src = [(int(t[2].min()), int(t[2].max()) + 1) for t in taps]
+    (zj0, zj1, zi, zw), (yj0, yj1, yi, yw), (xj0, xj1, xi, xw) = taps
+    yi, xi = yi - src[1][0], xi - src[2][0]
+    target = crop(out, crop_box)[:, zj0:zj1, yj0:yj1, xj0:xj1]
+    slab = max(1, CHUNK_SLICES_VOXELS // max(1, (yj1 - yj0) * (xj1 - xj0)))
+    for c in range(probs.shape[0]):
+        fill = 1.0 if c == 0 else 0.0
+        for k0 in range(0, zj1 - zj0, slab):
+            k1 = min(zj1 - zj0, k0 + slab)
+            lo, hi = int(zi[k0:k1].min()), int(zi[k0:k1].max()) + 1
+            block = np.full((hi - lo, src[1][1] - src[1][0], src[2][1] - src[2][0]), fill, dtype=np.float32)
+            inner = [(max(a, b0), min(b, b1)) for (a, b), (b0, b1) in zip(((lo, hi), src[1], src[2]), box)]
+            if all(a < b for a, b in inner):
+                block[tuple(slice(a - o, b - o) for (a, b), o in zip(inner, (lo, src[1][0], src[2][0])))] = \
+                    probs[(c, *(slice(a - b0, b - b0) for (a, b), (b0, _) in zip(inner, box)))]
+            block = block[:, :, xi[:, 0]] * xw[:, 0].astype(np.float32) + block[:, :, xi[:, 1]] * xw[:, 1].astype(np.float32)
+            block = block[:, yi[:, 0]] * yw[:, 0, None].astype(np.float32) + block[:, yi[:, 1]] * yw[:, 1, None].astype(np.float32)
+            rows = zi[k0:k1] - lo
+            w = zw[k0:k1].astype(np.float32)
+            target[c, k0:k1] = block[rows[:, 0]] * w[:, 0, None, None] + block[rows[:, 1]] * w[:, 1, None, None]
     return out

@@ -42,7 +42,7 @@ from autoliver.train.progress import append_log, plot_progress, rewrite_log
 from autoliver.train.schedule import BudgetPlan, poly_lr
 from autoliver.train.validation import summarise, validate_cases
 from autoliver.infer.sliding_window import tile_starts
-from autoliver.io.atomic import write_json
+from autoliver.io.atomic import write_bytes, write_json
 from autoliver.preprocess.storage import load_properties
 from planning.plans import Configuration
 
@@ -386,9 +386,22 @@ class Trainer:
         log.info("%s: mean liver Dice %.4f, tumour Dice %.4f", self.out / "metrics.json", metrics["mean"]["liver"], metrics["mean"]["tumour"])
         return metrics
 
+    def _copy_plans(self) -> None:
+        """Copy the dataset's plans.json into the model folder (results/<dataset>/), so that the
+        folder is self-contained for ``autoliver predict -m``."""
+        source = Path(self.setup.data_folder).parent / "plans.json"
+        target = self.out.parent.parent / "plans.json"
+        if not self.ctx.is_main or not source.is_file():
+            return
+        if target.is_file() and target.read_bytes() == source.read_bytes():
+            return
+        write_bytes(target, source.read_bytes())
+        log.info("copied %s to %s", source, target)
+
     def run(self) -> TrainResult:
         D.init(self.ctx, self.device)
         try:
+            self._copy_plans()
             self._build()
             self._resume()
             self.train()

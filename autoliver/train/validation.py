@@ -25,7 +25,7 @@ import blosc2
 import numpy as np
 import torch
 
-from autoliver.infer.sliding_window import predict_slicewise, sliding_window_predict
+from autoliver.infer.sliding_window import predict_slicewise, sliding_window_predict, softmax_
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.preprocess.resample import resample_probabilities
 from autoliver.preprocess.storage import CLEVEL, CODEC, DATA_SUFFIX, blosc2_layout, load_case, load_properties
@@ -86,20 +86,27 @@ def make_predictor(model: torch.nn.Module, device: torch.device, autocast_dtype:
 
 
 def predict_volume(predictor: Callable, data: np.ndarray, config: Configuration, n_classes: int, device: torch.device,
-                   step: float = 0.5, prev_seg: np.ndarray | None = None, pad_value: float = 0.0) -> torch.Tensor:
-    """Softmax probabilities (n_classes, Z, Y, X) of one preprocessed (Z, Y, X) volume."""
+                   step: float = 0.5, prev_seg: np.ndarray | None = None, pad_value: float = 0.0,
+                   starts: list[list[int]] | None = None) -> torch.Tensor:
+    """Softmax probabilities (n_classes, Z, Y, X) float32 of one preprocessed (Z, Y, X) volume.
+
+    ``prev_seg`` (Z, Y, X) uint8: a previous stage's labels, given as one-hot channels (cascade).
+    The only full-size arrays are the float32 image and the logits, turned into probabilities
+    in place. ``starts``: tile starts per network axis (the sliding window's default otherwise).
+    """
     image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
     extra = None if prev_seg is None else torch.from_numpy(one_hot_foreground(prev_seg, n_classes))
     with torch.inference_mode():
         if config.network_dims == 2:
             logits = predict_slicewise(predictor, image, config.patch_size, in_slices=config.in_slices, extra=extra,
-                                       step=step, n_classes=n_classes, device=device, pad_value=pad_value)
+                                       step=step, n_classes=n_classes, device=device, pad_value=pad_value, starts=starts)
         else:
             x, pads = image, pad_value
             if extra is not None:  # one-hot channels of the previous stage are padded with 0
                 x, pads = torch.cat([image, extra]), [pad_value] + [0.0] * extra.shape[0]
-            logits = sliding_window_predict(predictor, x, config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pads)
-        return torch.softmax(logits, dim=0)
+            logits = sliding_window_predict(predictor, x, config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pads,
+                                            starts=starts)
+        return softmax_(logits)
 
 
 def validate_cases(model: torch.nn.Module, config: Configuration, data_folder: Path, case_ids: list[str], out_dir: Path,

@@ -1,0 +1,153 @@
+"""ROI-first inference: a cheap pass finds the liver, the accurate pass runs only around it.
+
+The coarse pass (``coarse_labels``) uses one fold of the ensemble's first model without
+test-time augmentation: a 3d network on non-overlapping tiles (step 1), a 2d/2.5d network
+on every k-th slice (k slices about ``COARSE_SLICE_MM`` apart). A cascade's lowres stage is
+the coarse pass itself (its prediction is needed anyway). ``liver_box`` takes the largest
+connected liver region (labels 1 + 2; components found on blocks of about ``BLOCK_MM``, so
+stray voxels are ignored and nearby parts join), its bounding box plus ``margin_mm`` on every
+side, clipped to the volume and grown to at least the network's patch where the volume
+allows. When the coarse pass finds no liver, the whole volume is predicted.
+
+Array layout (Z, Y, X) in the preprocessed grid; spacing in mm.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from autoliver.infer.predictor import Box, Model
+from autoliver.infer.sliding_window import _pad_to, argmax_labels, predict_slicewise, tile_starts
+from autoliver.train.validation import make_predictor
+
+log = logging.getLogger(__name__)
+
+LIVER_LABELS = (1, 2)
+MARGIN_MM = 20.0
+COARSE_SLICE_MM = 10.0
+BLOCK_MM = 4.0
+
+
+@dataclass(frozen=True)
+class Roi:
+    box: Box  # where the accurate pass runs (the whole volume when nothing was found)
+    found: bool  # False: no liver in the coarse pass
+    fraction: float  # box voxels / volume voxels
+    seconds: float = 0.0  # coarse pass time
+
+
+def full_box(shape: Sequence[int]) -> Box:
+    return tuple((0, int(n)) for n in shape)
+
+
+def box_fraction(box: Box, shape: Sequence[int]) -> float:
+    return float(np.prod([b - a for a, b in box]) / np.prod(shape))
+
+
+def coarse_labels(model: Model, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of a quick pass: (labels uint8 (n, Y, X), z indices (n,)) — every slice for a
+    3d network (non-overlapping tiles), every k-th slice for a 2d/2.5d one."""
+    config = model.configuration
+    predictor = make_predictor(model.folds[0].network, model.device, model.autocast)
+    spacing = config.spacing
+    with torch.inference_mode():
+        if config.network_dims == 2:
+            k = max(1, int(round(COARSE_SLICE_MM / spacing[0])))
+            zs = list(range(min(k // 2, data.shape[0] - 1), data.shape[0], k))
+            volume = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
+            logits = predict_slicewise(predictor, volume, config.patch_size, in_slices=config.in_slices, step=1.0,
+                                       n_classes=model.n_classes, device=model.device, pad_value=model.pad_value, slices=zs)
+            return argmax_labels(logits), np.asarray(zs)
+        image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None, None]
+        padded, crop = _pad_to(image, config.patch_size, model.pad_value)
+        labels = np.zeros(padded.shape[2:], dtype=np.uint8)
+        starts = [tile_starts(s, p, 1.0) for s, p in zip(padded.shape[2:], config.patch_size)]
+        for pos in itertools.product(*starts):
+            sl = tuple(slice(s, s + p) for s, p in zip(pos, config.patch_size))
+            tile = padded[(slice(None), slice(None), *sl)].to(model.device)
+            labels[sl] = predictor(tile)[0].argmax(0).to("cpu", torch.uint8).numpy()
+        labels = labels[crop]
+        return labels, np.arange(labels.shape[0])
+
+
+def _block_counts(mask: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Voxel counts of ``mask`` in blocks of ``factors`` (the array padded up to whole blocks)."""
+    pads = [(0, (-n) % f) for n, f in zip(mask.shape, factors)]
+    m = np.pad(mask, pads) if any(p for _, p in pads) else mask
+    shape = [n // f for n, f in zip(m.shape, factors)]
+    return m.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).sum(axis=(1, 3, 5), dtype=np.int64)
+
+
+def liver_box(labels: np.ndarray, z_index: np.ndarray, shape: Sequence[int], spacing: Sequence[float],
+              margin_mm: float = MARGIN_MM, min_size: Sequence[int] = (), block_mm: float = BLOCK_MM) -> Box | None:
+    """Bounding box (in a volume of ``shape``) of the largest liver region of ``labels`` (rows
+    at the slices ``z_index``) plus ``margin_mm``; None when there is no liver."""
+    mask = np.isin(labels, LIVER_LABELS)
+    if not mask.any():
+        return None
+    z_step = float(np.median(np.diff(z_index))) if len(z_index) > 1 else 1.0
+    row_spacing = (spacing[0] * z_step, spacing[1], spacing[2])
+    factors = [max(1, int(round(block_mm / s))) for s in row_spacing]
+    counts = _block_counts(mask, factors)
+    comps, n = ndimage.label(counts > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = ndimage.sum(counts, comps, index=np.arange(1, n + 1))
+    largest = int(np.argmax(sizes)) + 1
+    blocks = ndimage.find_objects((comps == largest).astype(np.int32))[0]
+    # the exact extent of the liver voxels inside the largest region's blocks
+    sub = tuple(slice(b.start * f, min(n_, b.stop * f)) for b, f, n_ in zip(blocks, factors, mask.shape))
+    region = comps[blocks] == largest
+    for axis, f in enumerate(factors):
+        region = np.repeat(region, f, axis)
+    region = region[tuple(slice(0, s.stop - s.start) for s in sub)]
+    inside = np.argwhere(mask[sub] & region)
+    lo = inside.min(0) + [s.start for s in sub]
+    hi = inside.max(0) + [s.start for s in sub] + 1
+    lo[0], hi[0] = z_index[lo[0]], z_index[hi[0] - 1] + 1
+    box = []
+    for axis, (a, b) in enumerate(zip(lo, hi)):
+        n_axis = int(shape[axis])
+        m = int(math.ceil(margin_mm / spacing[axis]))
+        if axis == 0 and len(z_index) > 1:
+            m += int(math.ceil(z_step)) - 1  # the slices between the sampled ones
+        a, b = max(0, int(a) - m), min(n_axis, int(b) + m)
+        need = min(n_axis, int(min_size[axis]) if axis < len(min_size) else 0)
+        if b - a < need:  # grow to the patch, centred, inside the volume
+            a = max(0, min((a + b) // 2 - need // 2, n_axis - need))
+            b = a + need
+        box.append((a, b))
+    return tuple(box)
+
+
+def roi_min_size(model: Model) -> tuple[int, ...]:
+    """The smallest box the accurate pass should get: the patch (in-plane for 2d)."""
+    patch = tuple(model.configuration.patch_size)
+    return patch if len(patch) == 3 else (1, *patch)
+
+
+def find_roi(model: Model, data: np.ndarray, margin_mm: float = MARGIN_MM, labels: np.ndarray | None = None) -> Roi:
+    """The ROI of ``data`` (preprocessed, ``model``'s grid): from ``labels`` (e.g. a cascade's
+    lowres prediction in this grid) when given, else from ``coarse_labels``."""
+    if not margin_mm >= 0:
+        raise ValueError(f"the ROI margin must be >= 0 mm, got {margin_mm}")
+    t0 = time.perf_counter()
+    if labels is not None:
+        rows, z_index = labels, np.arange(labels.shape[0])
+    else:
+        rows, z_index = coarse_labels(model, data)
+    box = liver_box(rows, z_index, data.shape, model.configuration.spacing, margin_mm, roi_min_size(model))
+    seconds = time.perf_counter() - t0
+    if box is None:
+        log.info("ROI: the coarse pass found no liver; predicting the whole volume")
+        return Roi(full_box(data.shape), False, 1.0, seconds)
+    fraction = box_fraction(box, data.shape)
+    log.info("ROI %s: %.1f%% of the volume (coarse pass %.1f s)", box, 100 * fraction, seconds)
+    return Roi(box, True, fraction, seconds)

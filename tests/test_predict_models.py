@@ -1,0 +1,240 @@
+"""Prediction beyond one configuration: the cascade, ensembles of configurations, the
+inference plan as default, ROI-first inference, precision choice and the prefetch overlap.
+
+Networks are randomly initialised (no training: fast) or hand-made per-voxel networks, whose
+output does not depend on the tiling, so ROI and whole-volume inference can be compared
+exactly.
+"""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from autoliver.cli import main
+from autoliver.errors import StaleArtefactError
+from autoliver.infer.ensemble import Ensemble, load_ensemble
+from autoliver.infer.pipeline import ensemble_probabilities, predict_case
+from autoliver.infer.precision import cpu_flags, resolve_precision
+from autoliver.infer.predictor import FoldNetwork, load_model, predict_preprocessed, preprocess_for
+from autoliver.infer.roi import find_roi, liver_box
+from autoliver.infer.runner import PredictOptions, predict_inputs
+from autoliver.io.images import read_image
+from autoliver.nets.registry import build_network, net_spec
+from autoliver.preprocess.resample import resample_probabilities
+from autoliver.train.checkpoint import save_checkpoint
+from autoliver.train.validation import one_hot_foreground, predict_volume
+from planning.plans import Plans
+from test_train_cli import DATASET, build_tiny_workspace
+
+FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
+MODELS = (("2d", "0"), ("2d", "1"), ("3d_fullres", "0"), ("3d_lowres", "0"), ("3d_cascade_fullres", "0"))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A tiny workspace (with 3d_lowres and the cascade planned) and random-weight checkpoints."""
+    ws = build_tiny_workspace(tmp_path_factory.mktemp("models_ws"), n_cases=3, lowres=True)
+    plans = Plans.load(ws.preprocessed(DATASET) / "plans.json")
+    for k, (config, fold) in enumerate(MODELS):
+        torch.manual_seed(k)
+        net = build_network("unet", net_spec(plans.configurations[config], 3))
+        save_checkpoint(ws.results(DATASET) / config / f"fold_{fold}" / "checkpoint_final.pt",
+                        {"epoch": 1, "weights": net.state_dict(), "plans_hash": plans.plans_hash, "network": {"arch": "unet", "n_classes": 3}})
+    return ws
+
+
+def image_of(ws, k=0):
+    return read_image(sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[k], dtype=np.float32)
+
+
+def test_cascade_feeds_the_resampled_lowres_argmax_as_one_hot(ws, monkeypatch):
+    model = load_model(ws.results(DATASET), "3d_cascade_fullres", device="cpu")
+    assert model.previous is not None and model.previous.configuration.name == "3d_lowres"
+    assert model.data_identifiers == ("lowres", "fullres")
+    image, geom = image_of(ws)
+    prepared = preprocess_for(model, image, geom)
+    low = predict_preprocessed(model.previous, prepared["lowres"][0], tta=False).numpy()
+    expected = resample_probabilities(low, prepared["fullres"][0].shape).argmax(0)
+    seen = []
+    import autoliver.infer.predictor as P
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("prev_seg"))
+        return predict_volume(*args, **kwargs)
+
+    monkeypatch.setattr(P, "predict_volume", spy)
+    pred = predict_case(model, image, geom, tta=False, roi=False)
+    assert pred.seg.shape == geom.shape and pred.info["folds"] == {"3d_cascade_fullres": ["0"], "3d_lowres": ["0"]}
+    assert seen[0] is None and np.array_equal(seen[1], expected)  # lowres stage first, then the cascade with its labels
+    # the network's extra channels are the one-hot of those labels: a volume that is one patch
+    patch = model.configuration.patch_size
+    data = np.random.default_rng(0).normal(size=patch).astype(np.float32)
+    prev = np.random.default_rng(1).integers(0, 3, size=patch).astype(np.uint8)
+    inputs = []
+
+    def net(x):
+        inputs.append(x.clone())
+        return torch.zeros((x.shape[0], 3, *x.shape[2:]))
+
+    predict_volume(net, data, model.configuration, 3, torch.device("cpu"), step=1.0, prev_seg=prev)
+    assert len(inputs) == 1 and inputs[0].shape[1] == 3
+    assert torch.equal(inputs[0][0, 1:], torch.from_numpy(one_hot_foreground(prev, 3)))
+    assert torch.allclose(inputs[0][0, 0], torch.from_numpy(data))
+
+
+def test_ensemble_of_identical_models_is_the_model_and_mixed_ensembles_average(ws):
+    image, geom = image_of(ws, 1)
+    m2d = load_model(ws.results(DATASET), "2d", folds=["0"])
+    m3d = load_model(ws.results(DATASET), "3d_fullres")
+    prepared = preprocess_for(Ensemble((m2d, m3d)), image, geom)
+    single = ensemble_probabilities(Ensemble((m2d,)), prepared, None, tta=False)
+    double = ensemble_probabilities(Ensemble((m2d, m2d)), prepared, None, tta=False)
+    assert torch.allclose(single, double, atol=1e-6)
+    mixed = ensemble_probabilities(Ensemble((m2d, m3d)), prepared, None, tta=False)
+    other = ensemble_probabilities(Ensemble((m3d,)), prepared, None, tta=False)
+    assert torch.allclose(mixed, (single + other) / 2, atol=1e-5)
+    a = predict_case(Ensemble((m2d, m2d)), image, geom, tta=False, roi=False)
+    b = predict_case(m2d, image, geom, tta=False, roi=False)
+    assert np.array_equal(a.seg, b.seg) and a.seg.shape == geom.shape
+
+
+def test_cli_ensemble_and_inference_plan_default(ws, tmp_path):
+    src = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[0]
+    case = src.name.replace("_0000.nii.gz", "")
+    base = ["predict", "-i", str(src), "-d", DATASET, "--workspace", str(ws.root), "--no-tta", *FAST]
+    assert main([*base, "-o", str(tmp_path / "ens"), "-c", "2d", "3d_fullres", "-f", "0"]) == 0
+    rep = json.loads((tmp_path / "ens" / f"{case}.json").read_text())
+    assert rep["configuration"] == "2d+3d_fullres" and rep["models"]["folds"] == {"2d": ["0"], "3d_fullres": ["0"]}
+    assert {"wait_input_s", "network_s", "export_s"} <= set(rep["runtime_s"]) and rep["roi"] is not None
+    plans = Plans.load(ws.preprocessed(DATASET) / "plans.json")
+    plan_path = ws.results(DATASET) / "inference_plan.json"
+    plan = {"schema_version": 1, "dataset": DATASET, "plans_hash": plans.plans_hash, "configurations": ["3d_fullres", "2d"],
+            "folds": {"3d_fullres": ["0"], "2d": ["0", "1"]},
+            "postprocessing": [{"name": "largest_liver_component", "enabled": True, "params": {}},
+                               {"name": "min_tumour_volume", "enabled": False, "params": {"min_volume_mm3": 50.0}}]}
+    plan_path.write_text(json.dumps(plan))
+    try:
+        ens = load_ensemble(ws.results(DATASET))
+        assert ens.configurations == ("3d_fullres", "2d") and ens.folds == {"3d_fullres": ["0"], "2d": ["0", "1"]}
+        assert [s["name"] for s in ens.postprocessing] == ["largest_liver_component"]
+        assert main([*base, "-o", str(tmp_path / "plan")]) == 0
+        rep = json.loads((tmp_path / "plan" / f"{case}.json").read_text())
+        assert rep["postprocessing"] == ["largest_liver_component"] and rep["models"]["source"] == str(plan_path)
+        # -c overrides the plan (and its post-processing)
+        assert load_ensemble(ws.results(DATASET), ["2d"]).postprocessing == ()
+        plan_path.write_text(json.dumps({**plan, "plans_hash": "0" * 64}))
+        with pytest.raises(StaleArtefactError, match="inference_plan.json.*find_best_configuration"):
+            load_ensemble(ws.results(DATASET))
+    finally:
+        plan_path.unlink()
+    assert load_ensemble(ws.results(DATASET)).source == "default"  # no plan: the first trained
+
+
+class VoxelNet(torch.nn.Module):
+    """Per-voxel 'liver' where the normalised intensity is near ``centre``; never tumour."""
+
+    def __init__(self, centre: float, width: float = 0.6, liver: bool = True):
+        super().__init__()
+        self.centre, self.width, self.liver = centre, width, liver
+
+    def forward(self, x):
+        v = x[:, :1]
+        liver = 1.0 - ((v - self.centre) / self.width) ** 2 if self.liver else torch.full_like(v, -5.0)
+        return torch.cat([torch.zeros_like(v), liver, torch.full_like(v, -5.0)], dim=1)
+
+
+def voxel_model(ws, config="3d_fullres", liver=True):
+    model = load_model(ws.results(DATASET), config)
+    norm = model.plans.normalisation
+    centre = (60.0 - norm.mean) / norm.std  # the phantoms' liver is 60 HU
+    return replace(model, folds=(FoldNetwork("0", model.folds[0].checkpoint, 0, VoxelNet(centre, liver=liver)),))
+
+
+@pytest.mark.parametrize("config", ["3d_fullres", "2d"])
+def test_roi_equals_whole_volume_inside_the_roi_and_covers_the_liver(ws, config):
+    model = voxel_model(ws, config)
+    image, geom = image_of(ws, 2)
+    label, _ = read_image(str(sorted((ws.raw / DATASET / "labelsTr").glob("*.nii.gz"))[2]), dtype=np.uint8)
+    ens = Ensemble((model,))
+    prepared = preprocess_for(ens, image, geom)
+    data, props = prepared["fullres"]
+    roi = find_roi(model, data)
+    assert roi.found and roi.fraction <= 1.0
+    box = roi.box
+    inner = (slice(None), *(slice(a, b) for a, b in box))
+    whole = ensemble_probabilities(ens, prepared, None, tta=True)
+    inside = ensemble_probabilities(ens, prepared, box, tta=True)
+    assert torch.allclose(inside, whole[inner], atol=1e-5)
+    # a real (random-weight) U-Net too: the ROI runs the whole volume's tiles that reach into it
+    unet = Ensemble((load_model(ws.results(DATASET), config),))
+    small = ((box[0][0] + 1, box[0][1] - 1), (box[1][0] + 3, box[1][0] + 9), (box[2][1] - 7, box[2][1] - 2))
+    inner = (slice(None), *(slice(a, b) for a, b in small))
+    whole = ensemble_probabilities(unet, prepared, None, tta=False)
+    assert torch.allclose(ensemble_probabilities(unet, prepared, small, tta=False), whole[inner], atol=1e-5)
+    pred = predict_case(model, image, geom, tta=True, roi=True, save_probabilities=True)
+    assert pred.info["roi"]["found"] and pred.info["roi"]["box"] == [list(b) for b in box]
+    # the reference liver (mapped to the preprocessed grid) lies inside the box
+    from autoliver.preprocess.case import preprocess_case
+
+    _, seg_pre, _ = preprocess_case(image, geom, label, model.plans, "fullres")
+    zz, yy, xx = np.nonzero(seg_pre)
+    assert all(a <= v.min() and v.max() < b for v, (a, b) in zip((zz, yy, xx), box))
+    assert pred.probabilities.dtype == np.float16 and pred.probabilities.shape == (3, *geom.shape)
+
+
+def test_no_liver_in_the_coarse_pass_predicts_the_whole_volume(ws, caplog):
+    model = voxel_model(ws, liver=False)
+    image, geom = image_of(ws)
+    with caplog.at_level("INFO"):
+        pred = predict_case(model, image, geom, tta=False, roi=True)
+    assert pred.info["roi"]["found"] is False and pred.info["roi"]["fraction"] == 1.0
+    assert "no liver" in caplog.text and not pred.seg.any()
+
+
+def test_liver_box_takes_the_largest_component_with_margin_and_sampled_slices():
+    labels = np.zeros((40, 60, 60), np.uint8)
+    labels[10:20, 20:40, 25:45] = 1
+    labels[14:16, 30:32, 30:32] = 2
+    labels[35, 2, 2] = 1  # a stray voxel far away: ignored
+    spacing = (2.5, 1.5, 1.5)
+    box = liver_box(labels, np.arange(40), labels.shape, spacing, margin_mm=6.0)
+    assert box == ((10 - 3, 20 + 3), (20 - 4, 40 + 4), (25 - 4, 45 + 4))
+    assert liver_box(labels, np.arange(40), labels.shape, spacing, margin_mm=100.0) == ((0, 40), (0, 60), (0, 60))  # clipped
+    sampled = liver_box(labels[1::4], np.arange(1, 40, 4), labels.shape, spacing, margin_mm=6.0)
+    assert sampled[0][0] <= 7 and sampled[0][1] >= 23  # slices between the sampled ones are covered
+    grown = liver_box(labels, np.arange(40), labels.shape, spacing, margin_mm=0.0, min_size=(16, 32, 32))
+    assert [b - a for a, b in grown] == [16, 32, 32] and grown[0][0] <= 10 and grown[0][1] >= 20
+    assert liver_box(np.zeros_like(labels), np.arange(40), labels.shape, spacing) is None
+
+
+def test_precision_choice(tmp_path):
+    assert resolve_precision("auto", "cpu", flags={"avx2", "fma"}) in ("fp32", "bf16")  # bf16 only via AMX capability
+    assert resolve_precision("auto", "cpu", flags={"avx2", "avx512_bf16"}) == "bf16"
+    assert resolve_precision("auto", "cuda") == "fp16" and resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", "cpu")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx2", "amx_bf16"} and cpu_flags(tmp_path / "missing") == set()
+
+
+def test_prefetch_prepares_the_next_case_while_the_network_runs(ws, tmp_path):
+    model = load_model(ws.results(DATASET), "3d_fullres")
+    src = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))
+    assert len(src) == 3
+    summary = predict_inputs(model, src[0].parent, tmp_path / "out", PredictOptions(progress=False, tta=True, roi=False))
+    cases = summary.predicted
+    assert len(cases) == 3 and not summary.failed
+    ev = summary.events
+    assert ev[cases[1]]["input_ready"] < ev[cases[0]]["finished"]  # case 2 was ready before case 1 was done
+    assert ev[cases[2]]["input_ready"] < ev[cases[1]]["finished"]
+    for case in cases:
+        t = summary.timings[case]
+        assert {"wait_input_s", "network_s", "export_s"} <= set(t)
+        rep = json.loads((tmp_path / "out" / f"{case}.json").read_text())
+        assert rep["events"]["input_ready"] == pytest.approx(ev[case]["input_ready"])
+        assert rep["runtime_s"]["wait_input_s"] == pytest.approx(t["wait_input_s"], abs=1e-3)
+    assert set(summary.stage_totals()) >= {"wait_input_s", "network_s", "export_s"}
