@@ -270,19 +270,99 @@ def resolve_model_dir(workspace: Workspace, model_dir: str | Path | None = None,
 
 
 def predict(input_path: str | Path, output: str | Path, workspace: Workspace, model_dir: str | Path | None = None,
-            dataset_spec: str | Path | None = None, configuration: str | None = None, folds: list[str] | None = None,
+            dataset_spec: str | Path | None = None, configuration: str | list[str] | None = None, folds: list[str] | None = None,
             device: str = "auto", options: PredictOptions | None = None) -> PredictSummary:
     """Segment every case of ``input_path`` (file, folder of images, DICOM series folders) into
     ``output``: ``<case>.nii.gz`` in the input's geometry and ``<case>.json`` (the report).
 
-    ``options`` is an ``autoliver.infer.runner.PredictOptions``; returns a ``PredictSummary``
-    whose ``failed`` lists the cases that could not be predicted.
+    ``configuration``: one or several (an ensemble: softmax averaged); without it and
+    ``folds``, the model folder's inference_plan.json (configurations, folds, post-processing),
+    else the first trained configuration. ``options`` is an
+    ``autoliver.infer.runner.PredictOptions``; returns a ``PredictSummary`` whose ``failed``
+    lists the cases that could not be predicted.
     """
-    from autoliver.infer.predictor import load_model
+    from autoliver.infer.ensemble import load_ensemble
     from autoliver.infer.runner import PredictOptions, predict_inputs
 
-    model = load_model(resolve_model_dir(workspace, model_dir, dataset_spec), configuration, folds, device)
-    return predict_inputs(model, input_path, output, options or PredictOptions())
+    options = options or PredictOptions()
+    ensemble = load_ensemble(resolve_model_dir(workspace, model_dir, dataset_spec), configuration, folds, device, options.precision)
+    return predict_inputs(ensemble, input_path, output, options)
+
+
+def report_predictions(predictions: str | Path, images: str | Path, output: str | Path, references: str | Path | None = None,
+                       evaluation: str | Path | list[str | Path] | None = None, model_dir: str | Path | None = None,
+                       n_jobs: int = 1, progress: bool = True, image_size: int = 320) -> Path:
+    """Write the HTML report of a prediction folder (see ``autoliver.report.build``); returns its path.
+
+    ``evaluation``: one or several ``autoliver evaluate`` output folders; without one, metrics
+    are computed from ``references`` when given.
+    """
+    from autoliver.report.build import build_prediction_report
+    from autoliver.report.html import write_report
+
+    evaluations = [] if evaluation is None else [evaluation] if isinstance(evaluation, (str, Path)) else list(evaluation)
+    data = build_prediction_report(predictions, images, references=references, evaluations=evaluations, model_dir=model_dir,
+                                   n_jobs=n_jobs, progress=progress, max_px=image_size)
+    return write_report(data, output)
+
+
+def report_dataset(dataset_spec: str | Path, output: str | Path, workspace: Workspace, model_dir: str | Path | None = None,
+                   n_jobs: int = 1, progress: bool = True, image_size: int = 320) -> Path:
+    """Write the HTML report of a raw dataset's training cases and labels; returns its path."""
+    from autoliver.report.build import build_dataset_report
+    from autoliver.report.html import write_report
+
+    data = build_dataset_report(resolve_dataset(dataset_spec, workspace), model_dir=model_dir, n_jobs=n_jobs, progress=progress,
+                                max_px=image_size)
+    return write_report(data, output)
+
+
+def evaluate(reference_dir: str | Path, prediction_dir: str | Path, output_dir: str | Path | None = None,
+             n_jobs: int = 1, progress: bool = True, missing: str = "error") -> dict:
+    """Score predicted label maps against references (liver, tumour, lesion detection, tumour
+    burden); write evaluation.csv/json to ``output_dir`` when given; return the evaluation dict.
+    ``missing="empty"`` scores a reference case without a prediction as an empty prediction."""
+    from autoliver.evaluate import evaluate_folders
+
+    return evaluate_folders(reference_dir, prediction_dir, output_dir, n_jobs=n_jobs, progress=progress, missing=missing)
+
+
+def submit(prediction_dir: str | Path, output: str | Path, test_dir: str | Path | None = None,
+           options: StageOptions = StageOptions()) -> Path:
+    """Build a LiTS leaderboard zip (test-segmentation-N.nii) from ``autoliver predict`` output;
+    ``test_dir`` (the test-volume-N.nii folder) checks completeness and geometry."""
+    from autoliver.submit import build_submission
+
+    return build_submission(prediction_dir, output, test_dir, overwrite=options.overwrite, progress=options.progress)
+
+
+def check_submission(path: str | Path, test_dir: str | Path | None = None, n_cases: int | None = None,
+                     options: StageOptions = StageOptions()) -> list[str]:
+    """Every problem of a LiTS submission zip or folder (an empty list: valid)."""
+    from autoliver.submit import check_submission as check
+
+    return check(path, test_dir, n_cases=n_cases, progress=options.progress)
+
+
+def find_best_configuration(dataset_spec: str | Path, workspace: Workspace, configurations: list[str] | None = None,
+                            options: StageOptions = StageOptions(), crf: bool = True):
+    """Score every trained configuration and ensemble on cross-validation, decide the
+    post-processing (the dense CRF only with ``crf``) and write
+    ``results/<dataset>/inference_plan.json``; returns the ``autoliver.selection.SelectionResult``."""
+    from autoliver.selection import find_best_configuration as select
+
+    name = _preprocessed_dataset_name(dataset_spec, workspace)
+    return select(workspace.preprocessed(name), workspace.results(name), configurations, progress=options.progress,
+                  crf_grid=None if crf else [])
+
+
+def postprocess(input_dir: str | Path, output_dir: str | Path, plan_path: str | Path, images_dir: str | Path | None = None,
+                options: StageOptions = StageOptions()):
+    """Apply an inference plan's post-processing to existing predictions; returns the
+    ``autoliver.postprocess.apply.PostprocessSummary``."""
+    from autoliver.postprocess import postprocess_folder
+
+    return postprocess_folder(input_dir, output_dir, plan_path, images_dir=images_dir, overwrite=options.overwrite, progress=options.progress)
 
 
 __all__ = [
@@ -298,5 +378,12 @@ __all__ = [
     "plan_and_preprocess",
     "train",
     "resolve_model_dir",
+    "evaluate",
+    "submit",
+    "check_submission",
     "predict",
+    "report_predictions",
+    "report_dataset",
+    "find_best_configuration",
+    "postprocess",
 ]

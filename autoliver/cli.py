@@ -179,6 +179,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         shard=parse_shard(args.shard) if args.shard else None,
+        roi=args.roi,
+        roi_margin_mm=args.roi_margin,
+        precision=args.precision,
     )
     if not 0 < options.step <= 1:
         raise ValueError(f"--step-size must be in (0, 1], got {options.step}")
@@ -186,9 +189,105 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = api.predict(args.input, args.output, ws, model_dir=args.model, dataset_spec=args.dataset,
                           configuration=args.configuration, folds=args.folds, device=args.device, options=options)
     print(f"{summary.output}: {len(summary.predicted)} predicted, {len(summary.skipped)} already there, {len(summary.failed)} failed")
+    if summary.predicted:
+        totals = summary.stage_totals()
+        stages = ", ".join(f"{k[:-2]} {totals[k]:.1f} s" for k in ("wait_input_s", "roi_s", "network_s", "postprocess_s", "export_s") if k in totals)
+        print(f"time: {sum(summary.seconds.values()):.1f} s for {len(summary.predicted)} case(s) ({stages})")
     for case, message in summary.failed.items():
         log.error("%s: %s", case, message)
     return 1 if summary.failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from autoliver.demo import DemoOptions, run_demo
+
+    options = DemoOptions(minutes=args.minutes, configuration=args.configuration, n_phantoms=args.phantoms, quick=args.quick,
+                          device=args.device, n_jobs=max(1, args.np), progress=not args.no_progress, seed=args.seed)
+    s = run_demo(_workspace(args), options)
+    print(f"\nautoliver demo finished in {s.seconds['total'] / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in s.seconds.items() if k != 'total')})")
+    print(f"  training data   {s.dataset} ({s.n_train_real} real CT cases shipped with autoliver + {s.n_train_phantoms} synthetic phantoms)")
+    print(f"  model           {s.model_dir}")
+    print(f"  test cases      {', '.join(s.test_cases)}")
+    print(f"  predictions     {s.predictions}")
+    print(f"  evaluation      {s.evaluation}")
+    if s.report is not None:
+        print(f"  report          {s.report}  (open it in a browser)")
+    for structure in ("liver", "tumour"):
+        m = s.metrics.get(structure, {})
+        if m:
+            print(f"  {structure:<15} Dice per case {m.get('dice_per_case', float('nan')):.3f}, global Dice {m.get('dice_global', float('nan')):.3f}")
+    print(f"\n{s.honesty}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autoliver import api
+
+    common = {"model_dir": args.model, "n_jobs": max(1, args.np), "progress": not args.no_progress, "image_size": args.image_size}
+    if args.dataset is not None:
+        if args.images or args.references or args.evaluation:
+            raise ValueError("-i/-r/-e go with -p PREDICTIONS; a dataset report (-d) takes its images and labels from the dataset")
+        out = api.report_dataset(args.dataset, args.output, _workspace(args), **common)
+    else:
+        if not args.images:
+            raise ValueError("-p PREDICTIONS needs -i IMAGES: the CT images the predictions were made from")
+        out = api.report_predictions(args.predictions, args.images, args.output, references=args.references,
+                                     evaluation=args.evaluation, **common)
+    print(f"wrote {out} (open it in a browser)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoliver import api
+    from autoliver.evaluate import evaluation_table
+
+    options = _options(args)
+    result = api.evaluate(args.reference, args.prediction, args.output, n_jobs=options.n_jobs, progress=options.progress,
+                          missing="empty" if args.missing_as_empty else "error")
+    print(evaluation_table(result, max_cases=args.max_rows))
+    if args.output:
+        print(f"wrote {Path(args.output) / 'evaluation.csv'} and {Path(args.output) / 'evaluation.json'}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from autoliver import api
+
+    if args.check:
+        problems = api.check_submission(args.input, args.test_volumes, n_cases=args.n_cases, options=_options(args))
+        for problem in problems:
+            print(f"  - {problem}")
+        print(f"{args.input}: {len(problems)} problem(s)" if problems else f"{args.input}: valid LiTS submission")
+        return 1 if problems else 0
+    if not args.output:
+        raise ValueError("give -o submission.zip (or --check to check an existing submission)")
+    out = api.submit(args.input, args.output, args.test_volumes, _options(args))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_find_best_configuration(args: argparse.Namespace) -> int:
+    from autoliver import api
+    from autoliver.selection import postprocessing_table
+
+    result = api.find_best_configuration(args.dataset, _workspace(args), configurations=args.configurations, options=_options(args), crf=not args.no_crf)
+    for config, message in result.skipped.items():
+        print(f"left out {config}: {message}")
+    evidence = result.plan.evidence
+    print(f"{evidence['n_cases']} cross-validation cases; score: {evidence['score']}")
+    print(result.table())
+    print(f"post-processing of {result.chosen} ({evidence['postprocessing_rule']}):")
+    print(postprocessing_table(result.plan.postprocessing))
+    print(f"chosen: {result.chosen}; wrote {result.path}")
+    return 0
+
+
+def cmd_postprocess(args: argparse.Namespace) -> int:
+    from autoliver import api
+
+    summary = api.postprocess(args.input, args.output, args.plan, images_dir=args.images, options=_options(args))
+    print(f"{summary.output}: {len(summary.processed)} post-processed, {len(summary.skipped)} already there")
+    return 0
 
 
 def _add_common(p: argparse.ArgumentParser, jobs: bool = True) -> None:
@@ -281,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("-m", "--model", help="trained model folder (results/<dataset>)")
     model.add_argument("-d", "--dataset", help="dataset name or numeric id: its model in the workspace's results/")
-    p.add_argument("-c", "--configuration", metavar="CONFIG", help="configuration (default: the first trained of 3d_fullres, 2.5d, 2d)")
-    p.add_argument("-f", "--folds", nargs="+", metavar="FOLD", help="folds to ensemble (default: every trained fold)")
+    p.add_argument("-c", "--configuration", nargs="+", metavar="CONFIG", help="configuration(s); several: an ensemble (softmax averaged) "
+                   "(default: the model folder's inference_plan.json, else the first trained of 3d_fullres, 3d_cascade_fullres, 2.5d, 2d)")
+    p.add_argument("-f", "--folds", nargs="+", metavar="FOLD", help="folds to ensemble (default: the inference plan's, else every trained fold)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto takes the GPU when there is one (default: %(default)s)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="mirroring test-time augmentation (default: on)")
     p.add_argument("--step-size", type=float, default=0.5, metavar="S", help="sliding-window step as a fraction of the patch (default: %(default)s)")
@@ -290,8 +390,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output exists again")
     p.add_argument("--shard", metavar="I/N", help="predict only the cases whose index in sorted order is I modulo N (job arrays)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--roi", action=argparse.BooleanOptionalAction, default=True, help="find the liver with a coarse pass first and run the accurate pass only around it (default: on)")
+    p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (default: %(default)s)")
     _add_common(p, jobs=False)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score predictions against reference labels", description="Score predicted label maps against reference label maps, paired by case id: liver (labels 1+2) and tumour (label 2) Dice (per case with the LiTS empty rule, and global), IoU, VOE, RVD, ASSD, MSSD, HD95 (mm), precision, recall, F1, accuracy; tumour detection at overlap > 0 and IoU > 0.5 (LiTS matching); tumour burden. Prints a table; writes evaluation.csv and evaluation.json with -o.")
+    p.add_argument("-r", "--reference", required=True, help="folder of reference label maps (<case>.nii.gz, or LiTS segmentation-N.nii)")
+    p.add_argument("-p", "--prediction", required=True, help="folder of predicted label maps (autoliver predict output)")
+    p.add_argument("-o", "--output", help="folder for evaluation.csv and evaluation.json")
+    p.add_argument("--missing-as-empty", action="store_true", help="score a reference case without a prediction as an empty prediction (default: an error)")
+    p.add_argument("--max-rows", type=int, default=50, metavar="N", help="cases shown in the printed table (default: %(default)s; all are written)")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("submit", help="build or check a LiTS leaderboard submission zip", description="Build a LiTS submission zip (test-segmentation-N.nii, uint8, the test volume's geometry) from `autoliver predict` output on the LiTS test folder, or with --check list every problem of an existing submission zip or folder (exit status 1 when there are problems).")
+    p.add_argument("-i", "--input", required=True, help="prediction folder (test-volume-N.nii.gz); with --check: the submission zip or folder")
+    p.add_argument("-o", "--output", help="submission zip to write")
+    p.add_argument("-t", "--test-volumes", metavar="DIR", help="folder of the LiTS test-volume-N.nii files: every volume needs its segmentation, with the same geometry")
+    p.add_argument("--check", action="store_true", help="check an existing submission instead of building one")
+    p.add_argument("--n-cases", type=int, metavar="N", help="with --check and no --test-volumes: expect test-segmentation-0..N-1 (default: 70, the LiTS test set)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output zip")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("report", help="write an HTML report of predictions or of a dataset", description="Write one self-contained HTML page (opens in any browser, no internet needed): per case, axial, coronal and sagittal views of liver and tumours on the CT at the slices with the most tumour, volumes, tumour count, diameters and burden, metrics when references exist, charts, and training curves when a model folder is given.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--predictions", help="prediction folder written by `autoliver predict` (<case>.nii.gz + <case>.json)")
+    src.add_argument("-d", "--dataset", help="raw dataset (folder, or name / numeric id under the workspace's raw/): its training cases and labels")
+    p.add_argument("-i", "--images", help="the CT images the predictions were made from (file, folder or DICOM series folders, as for predict)")
+    p.add_argument("-r", "--references", help="reference label folder (<case>.nii.gz): shown next to the predictions, and scored unless -e is given")
+    p.add_argument("-e", "--evaluation", nargs="+", metavar="DIR", help="output folder(s) of `autoliver evaluate`; several (e.g. one per configuration) are compared in the charts")
+    p.add_argument("-m", "--model", help="model folder (results/<dataset>): training curves and cross-validation scores")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("--image-size", type=int, default=320, metavar="PX", help="longer side of each slice image in pixels (default: %(default)s)")
+    _add_common(p)
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("demo", help="run the whole pipeline on the shipped example cases (CPU, < 15 min)", description="Build a small dataset from the real CT cases shipped with autoliver plus synthetic phantoms, then validate, plan and preprocess, train briefly, predict held-out cases (NIfTI and DICOM), evaluate them and write an HTML report. Every step resumes on a re-run.")
+    p.add_argument("--minutes", type=float, default=7.0, help="training budget in minutes (default: %(default)s)")
+    p.add_argument("-c", "--configuration", default="2d", help="configuration to train (default: %(default)s)")
+    p.add_argument("--phantoms", type=int, default=6, help="synthetic training phantoms (default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="training and prediction device (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a few training iterations and a fast prediction (no test-time augmentation): a smoke test of the pipeline")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("find_best_configuration", help="choose the best configuration/ensemble and post-processing on cross-validation", description="Score every trained configuration and every ensemble of them (softmax averages) on the cross-validation predictions (liver and tumour Dice, LiTS rule), decide each post-processing step, print a ranked table and write results/<dataset>/inference_plan.json, which `autoliver predict` uses by default.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or numeric id (as trained)")
+    p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="configurations to consider (default: every one with all folds trained)")
+    p.add_argument("--no-crf", action="store_true", help="do not try the dense CRF (the slowest step to evaluate); it stays off")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_find_best_configuration)
+
+    p = sub.add_parser("postprocess", help="apply an inference plan's post-processing to existing predictions", description="Apply the post-processing steps enabled in inference_plan.json to the <case>.nii.gz label maps of a folder; <case>.json reports are recomputed.")
+    p.add_argument("-i", "--input", required=True, help="folder of predicted <case>.nii.gz (and <case>.json, <case>.npz)")
+    p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input)")
+    p.add_argument("-p", "--plan", required=True, help="inference_plan.json (or the results/<dataset> folder holding it)")
+    p.add_argument("--images", help="folder of the CT images (<case>_0000.nii.gz), needed only when the plan enables dense_crf")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_postprocess)
+
     return parser
 
 

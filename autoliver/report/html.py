@@ -171,13 +171,13 @@ def _metric_table(metrics: Mapping[str, Mapping[str, float | None]]) -> str:
         rows.append([esc(f"{label} ({unit})" if unit else label)] + [fmt(v, 2 if unit else 3) for v in values])
     det = metrics.get("detection") or {}
     if det:
-        rows.append([esc("Tumours found / in reference"), "", fmt(det.get("n_pred")) + " / " + fmt(det.get("n_ref"))])
+        rows.append([esc("Lesions found / in reference (LiTS detection rule: face-connected, close pieces joined)"), "", fmt(det.get("n_pred")) + " / " + fmt(det.get("n_ref"))])
     return table(["Metric", "Liver", "Tumour"], rows) + '<p class="muted">n/a: undefined (one of the two is empty).</p>'
 
 
 def _measures(s: CaseSummary) -> str:
     return table(["Measure", "Value"], [
-        ["Liver volume (incl. tumours)", fmt(s.liver_volume_ml, 1, "ml")], ["Number of tumours", fmt(s.tumour_count)],
+        ["Liver volume (incl. tumours)", fmt(s.liver_volume_ml, 1, "ml")], ["Number of tumours (separate 3D pieces, touching corners count as one)", fmt(s.tumour_count)],
         ["Total tumour volume", fmt(s.tumour_volume_ml, 2, "ml")], ["Tumour burden", fmt(100 * s.tumour_burden, 2, "%")]])
 
 
