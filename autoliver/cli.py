@@ -166,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from autoliver import api
-    from autoliver.infer.runner import PredictOptions, parse_shard
+    from autoliver.infer.runner import PredictOptions
+    from autoliver.io.inputs import parse_shard
 
     if args.threads:
         import torch
@@ -191,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{summary.output}: {len(summary.predicted)} predicted, {len(summary.skipped)} already there, {len(summary.failed)} failed")
     if summary.predicted:
         totals = summary.stage_totals()
-        stages = ", ".join(f"{k[:-2]} {totals[k]:.1f} s" for k in ("wait_input_s", "roi_s", "network_s", "postprocess_s", "export_s") if k in totals)
+        stages = ", ".join(f"{k[:-2]} {totals[k]:.1f} s" for k in ("wait_input_s", "roi_s", "network_s", "argmax_s", "postprocess_s", "export_s") if k in totals)
         print(f"time: {sum(summary.seconds.values()):.1f} s for {len(summary.predicted)} case(s) ({stages})")
     for case, message in summary.failed.items():
         log.error("%s: %s", case, message)

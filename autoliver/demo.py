@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from autoliver.examples import DICOM_DIR, image_path, label_path
-from autoliver.io.images import Geometry, write_image
+from autoliver.examples.dataset import build_example_dataset, write_phantom_case
+from autoliver.io.atomic import atomic_dir
 from autoliver.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -81,39 +82,24 @@ class DemoSummary:
         return HONESTY.format(n=n, real=self.n_train_real, phantoms=self.n_train_phantoms)
 
 
-def _phantom_geometry(shape, spacing) -> Geometry:
-    return Geometry(tuple(shape), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-
-
 def build_test_set(root: Path, options: DemoOptions) -> list[str]:
     """``root/images`` (NIfTI files and a DICOM series folder) and ``root/labels``; built in a
     sibling folder and renamed, so an interrupted build leaves nothing. Returns the case ids."""
-    from autoliver.phantom import make_phantom
-
     root = Path(root)
     cases = [*TEST_NIFTI, *TEST_DICOM, "phantom_test_000"]
     if (root / "labels").is_dir() and all((root / "labels" / f"{c}.nii.gz").is_file() for c in cases):
         return cases
-    tmp = root.with_name(f".{root.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "labels").mkdir()
-    try:
+    with atomic_dir(root) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
         for case in TEST_NIFTI:
             shutil.copyfile(image_path(case), tmp / "images" / f"{case}_0000.nii.gz")
             shutil.copyfile(label_path(case), tmp / "labels" / f"{case}.nii.gz")
         for case in TEST_DICOM:
             shutil.copytree(DICOM_DIR / case, tmp / "images" / case)
             shutil.copyfile(label_path(case), tmp / "labels" / f"{case}.nii.gz")
-        image, label = make_phantom(options.phantom_shape, options.phantom_spacing, np.random.default_rng([options.seed, TEST_SEED]), n_tumours=3)
-        geometry = _phantom_geometry(image.shape, options.phantom_spacing)
-        write_image(tmp / "images" / "phantom_test_000_0000.nii.gz", image, geometry)
-        write_image(tmp / "labels" / "phantom_test_000.nii.gz", label.astype(np.uint8), geometry)
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_phantom_case(tmp / "images", tmp / "labels", "phantom_test_000", options.phantom_shape, options.phantom_spacing,
+                           np.random.default_rng([options.seed, TEST_SEED]), n_tumours=3)
     return cases
 
 
@@ -137,7 +123,7 @@ def _predict_options(options: DemoOptions):
 def run_demo(workspace: Workspace, options: DemoOptions = DemoOptions()) -> DemoSummary:
     """Run every step (see the module docstring); returns where everything is."""
     from autoliver import api
-    from autoliver.examples.dataset import build_example_dataset
+
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     raw = workspace.raw / DATASET

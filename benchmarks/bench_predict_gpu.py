@@ -32,7 +32,7 @@ from autoliver import api
 from autoliver.infer.pipeline import predict_case
 from autoliver.infer.predictor import load_model
 from autoliver.io.atomic import write_json
-from autoliver.io.images import Geometry
+from autoliver.examples.dataset import phantom_geometry
 from autoliver.phantom import make_phantom
 from autoliver.preprocess.case import iter_preprocessed
 from autoliver.preprocess.runner import DATASET_PROPERTIES, case_seed
@@ -45,13 +45,12 @@ from planning.planner import plan_experiment
 
 log = logging.getLogger("bench_predict_gpu")
 DATASET = "Dataset950_GpuBench"
-IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 LITS_SPACING = (1.0, 0.77, 0.77)
 
 
 def phantom_case(shape, spacing, seed: int, n_tumours: int = 3):
     image, label = make_phantom(tuple(shape), tuple(spacing), np.random.default_rng([7, seed]), n_tumours=n_tumours)
-    return image, label.astype(np.uint8), Geometry(tuple(image.shape), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), IDENTITY)
+    return image, label.astype(np.uint8), phantom_geometry(image.shape, spacing)
 
 
 def build_workspace(root: Path, n_train: int, train_shape, train_spacing, memory_gb: float) -> Workspace:
@@ -136,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(case=f"test_{k}", shape=list(image.shape), **s)
             runs.append(r)
             log.info("%s", r)
+            write_json(args.out, {"partial": True, "runs": runs})  # kept if the run is cut short
     out = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         "torch": torch.__version__, "configuration": args.configuration, "patch": list(model.configuration.patch_size),

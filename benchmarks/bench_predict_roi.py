@@ -84,6 +84,7 @@ from autoliver import examples
 from autoliver.infer.predictor import load_model
 from autoliver.infer.pipeline import predict_case
 from autoliver.io.images import Geometry, read_image, write_image
+from autoliver.examples.dataset import phantom_geometry
 from autoliver.phantom import make_phantom
 from autoliver.train.validation import case_dice
 
@@ -96,7 +97,7 @@ REAL_CASES = ("lits117_128cube", "chaos_ct_sample", "totalseg_example_ct_sm")
 
 def lits_phantom(slices: int, seed: int) -> tuple[np.ndarray, np.ndarray, Geometry]:
     image, label = make_phantom((slices, 512, 512), LITS_SPACING, np.random.default_rng(seed), n_tumours=3)
-    geometry = Geometry((slices, 512, 512), LITS_SPACING, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    geometry = phantom_geometry((slices, 512, 512), LITS_SPACING)
     return image, label, geometry
 
 

@@ -12,7 +12,8 @@ from autoliver.examples.dataset import build_example_dataset
 from planning.hashing import hash_json
 from planning.plans import Plans
 
-SUBCOMMANDS = ["validate", "convert", "example_dataset", "plan", "plan_and_preprocess", "train"]
+SUBCOMMANDS = ["validate", "convert", "example_dataset", "plan", "plan_and_preprocess", "train", "predict",
+               "find_best_configuration", "postprocess", "evaluate", "submit", "report", "demo"]
 
 
 def test_help_lists_every_subcommand():

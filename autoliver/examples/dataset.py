@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from autoliver.examples import image_path, label_path
-from autoliver.io.atomic import write_json
+from autoliver.io.atomic import atomic_dir, write_json
 from autoliver.io.images import Geometry, write_image
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,21 @@ def dataset_json(n_training: int, description: str = "") -> dict:
     }
 
 
+def phantom_geometry(shape, spacing) -> Geometry:
+    """Axis-aligned geometry at the origin for a phantom of ``shape`` (z, y, x) and ``spacing`` mm."""
+    return Geometry(tuple(int(s) for s in shape), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
+def write_phantom_case(images_dir: Path, labels_dir: Path, case_id: str, shape, spacing, rng: np.random.Generator, **kwargs) -> None:
+    """Write ``<case_id>_0000.nii.gz`` and ``<case_id>.nii.gz`` of one ``make_phantom`` phantom."""
+    from autoliver.phantom import make_phantom
+
+    image, label = make_phantom(tuple(shape), tuple(spacing), rng, **kwargs)
+    geometry = phantom_geometry(image.shape, spacing)
+    write_image(Path(images_dir) / f"{case_id}_0000.nii.gz", image, geometry)
+    write_image(Path(labels_dir) / f"{case_id}.nii.gz", label.astype(np.uint8), geometry)
+
+
 def build_example_dataset(
     root: Path,
     real_cases: tuple[str, ...] = DEFAULT_REAL_CASES,
@@ -55,33 +70,20 @@ def build_example_dataset(
     ``autoliver.phantom.make_phantom`` from a generator seeded with (seed, k). The dataset is
     built in a temporary sibling folder and renamed, so an interrupted build leaves nothing.
     """
-    from autoliver.phantom import make_phantom
-
     root = Path(root)
     if root.exists():
         if not overwrite:
             raise FileExistsError(f"{root}: already exists; remove it or pass overwrite=True (--overwrite)")
-    tmp_root = root.with_name(f".{root.name}.building")
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    (tmp_root / "imagesTr").mkdir(parents=True)
-    (tmp_root / "labelsTr").mkdir()
-    try:
+    with atomic_dir(root) as tmp_root:
+        (tmp_root / "imagesTr").mkdir()
+        (tmp_root / "labelsTr").mkdir()
         for case in real_cases:
             shutil.copyfile(image_path(case), tmp_root / "imagesTr" / f"{case}_0000.nii.gz")
             shutil.copyfile(label_path(case), tmp_root / "labelsTr" / f"{case}.nii.gz")
         for k in range(n_phantoms):
-            rng = np.random.default_rng([seed, k])
-            image, label = make_phantom(phantom_shape, phantom_spacing, rng)
-            geometry = Geometry(tuple(image.shape), tuple(float(s) for s in phantom_spacing), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-            write_image(tmp_root / "imagesTr" / f"phantom_{k:03d}_0000.nii.gz", image, geometry)
-            write_image(tmp_root / "labelsTr" / f"phantom_{k:03d}.nii.gz", label.astype(np.uint8), geometry)
+            write_phantom_case(tmp_root / "imagesTr", tmp_root / "labelsTr", f"phantom_{k:03d}", phantom_shape, phantom_spacing,
+                               np.random.default_rng([seed, k]))
         description = f"{len(real_cases)} real CT cases shipped with autoliver (see autoliver/examples/README.md) and {n_phantoms} synthetic phantoms"
         write_json(tmp_root / "dataset.json", dataset_json(len(real_cases) + n_phantoms, description))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp_root.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        raise
     log.info("wrote example dataset %s (%d real cases, %d phantoms)", root, len(real_cases), n_phantoms)
     return root

@@ -130,7 +130,9 @@ def predict_case(model: Model | Ensemble, image: np.ndarray | None, geometry: Ge
         t1 = time.perf_counter()
         probs = ensemble_probabilities(ensemble, prepared, box, tta, step, prev_cache)
         timings["network_s"] = time.perf_counter() - t1
+    t_arg = time.perf_counter()
     seg_box = argmax_labels(probs)
+    timings["argmax_s"] = time.perf_counter() - t_arg
     if ensemble.postprocessing:
         t2 = time.perf_counter()
         seg_box = _apply_postprocessing(ensemble, seg_box, probs, crop_box(data, box), props["spacing"])

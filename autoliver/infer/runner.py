@@ -1,10 +1,6 @@
 """Predict a folder, a file or DICOM series: one segmentation and one report per case.
 
-Inputs (``discover_inputs``): a single image file; a folder of image files (NIfTI, NRRD,
-MHA/MHD; nnU-Net's ``<case>_0000`` naming accepted, other channel suffixes refused since
-autoliver takes CT only); a DICOM folder (one series, one case); or a folder of DICOM series
-folders (one case each; DICOM files loose next to them are ignored). Cases are sorted by id; ``--shard I/N`` keeps the cases whose index
-in that order is I modulo N, so N jobs sharing a folder split it exactly.
+Inputs: see ``autoliver.io.inputs`` (``discover_inputs``, ``--shard I/N``).
 
 Outputs per case, in ``output``: ``<case>.json`` (the report), ``<case>.npz`` (float16
 probabilities, on request), then ``<case>.nii.gz`` last: a case whose segmentation exists is
@@ -22,7 +18,6 @@ export, and the wall-clock times (``events``) at which its input was ready and i
 from __future__ import annotations
 
 import logging
-import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,20 +32,14 @@ from autoliver.infer.pipeline import ROI_DEFAULT, as_ensemble, predict_case
 from autoliver.infer.predictor import Model, preprocess_for
 from autoliver.infer.roi import MARGIN_MM
 from autoliver.io.atomic import atomic_path, write_json
-from autoliver.io.images import image_suffix, is_dicom_folder, write_image
+from autoliver.io.images import write_image
+from autoliver.io.inputs import InputCase, discover_inputs, select_shard
 from autoliver.report.case_report import case_report
 from autoliver.validate import read_checked_image
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIX = ".nii.gz"
-CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-@dataclass(frozen=True)
-class InputCase:
-    case_id: str
-    path: Path  # an image file or a DICOM series folder
 
 
 @dataclass(frozen=True)
@@ -84,62 +73,6 @@ class PredictSummary:
             for k, v in t.items():
                 out[k] = out.get(k, 0.0) + v
         return out
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
-    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
-        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
-    return int(m[1]), int(m[2])
-
-
-def _case_id(path: Path) -> tuple[str, str | None]:
-    """(case id, channel or None) of an image file name."""
-    stem = path.name[: -len(image_suffix(path))]
-    m = CHANNEL_RE.match(stem)
-    return (m["case"], m["channel"]) if m else (stem, None)
-
-
-def discover_inputs(source: str | Path) -> list[InputCase]:
-    """The cases under ``source`` sorted by id (see the module docstring)."""
-    source = Path(source).expanduser()
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: input not found; give an image file, a folder of images or DICOM series folders")
-    if source.is_file():
-        if image_suffix(source) is None:
-            raise ValueError(f"{source}: not a recognised image (NIfTI, NRRD, MHA/MHD); give a folder for DICOM")
-        return [InputCase(_case_id(source)[0], source)]
-    cases: dict[str, Path] = {}
-    for child in sorted(source.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if child.is_file() and image_suffix(child):
-            case, channel = _case_id(child)
-            if channel not in (None, "0000"):
-                log.warning("%s: channel %s ignored (autoliver takes one CT channel, _0000)", child, channel)
-                continue
-        elif child.is_dir() and is_dicom_folder(child):
-            case = child.name
-        else:
-            continue
-        if case in cases:
-            raise ValueError(f"{source}: case {case!r} given twice ({cases[case].name} and {child.name}); keep one")
-        cases[case] = child
-    if not cases and is_dicom_folder(source):  # the folder is one DICOM series
-        return [InputCase(source.name, source)]
-    if cases and any(c.is_file() and not image_suffix(c) for c in source.iterdir()) and is_dicom_folder(source):
-        log.warning("%s: DICOM files next to the cases' files/folders are ignored; put each series in its own folder", source)
-    if not cases:
-        raise ValueError(f"{source}: no images (NIfTI, NRRD, MHA/MHD) and no DICOM series folders found")
-    return [InputCase(c, p) for c, p in sorted(cases.items())]
-
-
-def select_shard(cases: list[InputCase], shard: tuple[int, int] | None) -> list[InputCase]:
-    if shard is None:
-        return list(cases)
-    index, count = shard
-    return [c for i, c in enumerate(cases) if i % count == index]
 
 
 def output_path(output: Path, case_id: str) -> Path:

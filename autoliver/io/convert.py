@@ -26,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoliver.errors import DatasetError
-from autoliver.io.atomic import write_json
+from autoliver.io.atomic import atomic_dir, write_json
 from autoliver.io.images import check_nifti_complete, read_header, read_sitk
 from autoliver.workspace import DATASET_NAME_RE
 
@@ -91,20 +89,8 @@ def _copy_or_convert(kind: str, src: Path, target: Path) -> None:
 def _building(dst: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of ``dst``; on success put it in ``dst``'s place, else remove it."""
     _check_dst(dst, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".building", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         yield tmp
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_dataset(dst: Path, jobs: list[_Job], n_training: int, description: str, overwrite: bool, progress: bool) -> Path:

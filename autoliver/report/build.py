@@ -105,7 +105,7 @@ def _check_size(max_px: int) -> None:
 
 def _images_by_case(folder: str | Path) -> dict[str, Path]:
     """CT images as ``autoliver predict`` finds them (files, ``_0000`` naming, DICOM series)."""
-    from autoliver.infer.runner import discover_inputs  # torch is imported only when used
+    from autoliver.io.inputs import discover_inputs
 
     return {c.case_id: c.path for c in discover_inputs(folder)}
 
