@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the whole pipeline on the shipped example cases (CPU, < 15 min)", description="Build a small dataset from the real CT cases shipped with autoliver plus synthetic phantoms, then validate, plan and preprocess, train briefly, predict held-out cases (NIfTI and DICOM), evaluate them and write an HTML report. Every step resumes on a re-run.")
-    p.add_argument("--minutes", type=float, default=7.0, help="training budget in minutes (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=9.0, help="training budget in minutes (default: %(default)s)")
     p.add_argument("-c", "--configuration", default="2d", help="configuration to train (default: %(default)s)")
     p.add_argument("--phantoms", type=int, default=6, help="synthetic training phantoms (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="training and prediction device (default: %(default)s)")

@@ -44,7 +44,7 @@ HONESTY = ("The demo model was trained for a few minutes on {n} cases ({real} re
 
 @dataclass(frozen=True)
 class DemoOptions:
-    minutes: float = 7.0  # training budget
+    minutes: float = 9.0  # training budget
     configuration: str = "2d"
     n_phantoms: int = 6
     phantom_shape: tuple[int, int, int] = (96, 160, 160)

@@ -33,16 +33,14 @@ Everything is bounded by ``--timeout`` (SIGALRM). The results go to ``--out`` as
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_train_probe import Timeout, _alarm, _max_rss_bytes, force_patch_and_batch  # noqa: E402
+from nnunet_train_probe import _max_rss_bytes, end_training, force_patch_and_batch, run_and_report  # noqa: E402
 
 PROBE_ITERS = (2, 7)  # iterations [2, 7) of the first epoch are timed, as autoliver's budget does
 VAL_COST = 0.35  # one validation batch (forward only) in training iterations, as autoliver's budget assumes
@@ -171,44 +169,21 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         signal.alarm(0)
         if started:
-            try:
-                trainer.on_train_end()  # writes checkpoint_final.pth and shuts the loaders down
-            except Exception as exc:  # noqa: BLE001 - shut the loaders down whatever happened
-                print(f"on_train_end failed ({exc!r}); stopping the loaders directly", file=sys.stderr)
-                for dl in (trainer.dataloader_train, trainer.dataloader_val):
-                    if hasattr(dl, "_finish"):
-                        dl._finish()
+            end_training(trainer)
+
+
+def run_to_checkpoint(args: argparse.Namespace) -> dict:
+    out = run(args)
+    final = Path(out["model_folder"]) / f"fold_{args.fold}" / "checkpoint_final.pth"
+    out["checkpoint"] = str(final)
+    out["ok"] = final.is_file()
+    if not out["ok"]:
+        out["error"] = f"{final} was not written"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # nnunetv2 reads its folders and loader process count from the environment at import time
-    os.environ["nnUNet_preprocessed"] = str(args.preprocessed.resolve())
-    os.environ["nnUNet_results"] = str(args.results.resolve())
-    os.environ.setdefault("nnUNet_raw", str(args.results.resolve()))
-    os.environ["nnUNet_n_proc_DA"] = str(args.loader_workers)
-    os.environ["nnUNet_compile"] = "false"
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(max(1, int(args.timeout)))
-    t0 = time.perf_counter()
-    try:
-        out = run(args)
-        final = Path(out["model_folder"]) / f"fold_{args.fold}" / "checkpoint_final.pth"
-        out["checkpoint"] = str(final)
-        out["ok"] = final.is_file()
-        if not out["ok"]:
-            out["error"] = f"{final} was not written"
-    except Timeout:
-        out = {"tool": "nnunet", "ok": False, "error": f"timed out after {args.timeout:.0f} s"}
-    except Exception as exc:  # noqa: BLE001 - reported in the JSON for the driver
-        import traceback
-
-        traceback.print_exc()
-        out = {"tool": "nnunet", "ok": False, "error": repr(exc)}
-    out["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    return 0 if out["ok"] else 1
+    return run_and_report(parse_args(argv), run_to_checkpoint)
 
 
 if __name__ == "__main__":

@@ -187,18 +187,24 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         signal.alarm(0)
         if started:
-            try:
-                trainer.on_train_end()  # writes checkpoint_final.pth and shuts the loaders down
-            except Exception as exc:  # noqa: BLE001 - shut the loaders down whatever happened
-                print(f"on_train_end failed ({exc!r}); stopping the loaders directly", file=sys.stderr)
-                for dl in (trainer.dataloader_train, trainer.dataloader_val):
-                    if hasattr(dl, "_finish"):
-                        dl._finish()
+            end_training(trainer)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # nnunetv2 reads its folders and loader process count from the environment at import time
+def end_training(trainer) -> None:
+    """``on_train_end`` (writes checkpoint_final.pth, shuts the loaders down); if it fails, stop
+    the loaders directly so no worker process is left behind."""
+    try:
+        trainer.on_train_end()
+    except Exception as exc:  # noqa: BLE001 - shut the loaders down whatever happened
+        print(f"on_train_end failed ({exc!r}); stopping the loaders directly", file=sys.stderr)
+        for dl in (trainer.dataloader_train, trainer.dataloader_val):
+            if hasattr(dl, "_finish"):
+                dl._finish()
+
+
+def prepare_process(args: argparse.Namespace) -> None:
+    """nnunetv2 reads its folders and loader process count from the environment at import
+    time: set them, and arm the --timeout alarm."""
     os.environ["nnUNet_preprocessed"] = str(args.preprocessed.resolve())
     os.environ["nnUNet_results"] = str(args.results.resolve())
     os.environ.setdefault("nnUNet_raw", str(args.results.resolve()))
@@ -206,10 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["nnUNet_compile"] = "false"
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(max(1, int(args.timeout)))
+
+
+def run_and_report(args: argparse.Namespace, run_fn) -> int:
+    """Run ``run_fn(args)`` under the timeout and write its result (or the error) to ``--out``
+    as JSON for the driver; exit status 0 when ``ok``."""
+    prepare_process(args)
     t0 = time.perf_counter()
     try:
-        out = run(args)
-        out["ok"] = True
+        out = run_fn(args)
+        out.setdefault("ok", True)
     except Timeout:
         out = {"tool": "nnunet", "ok": False, "error": f"timed out after {args.timeout:.0f} s"}
     except Exception as exc:  # noqa: BLE001 - reported in the JSON for the driver
@@ -221,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     return 0 if out["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_and_report(parse_args(argv), run)
 
 
 if __name__ == "__main__":
