@@ -31,7 +31,7 @@ from autoliver.errors import DatasetError, ImageReadError
 from autoliver.evaluate.runner import label_value_problems
 from autoliver.io.atomic import atomic_path
 from autoliver.io.images import Geometry, image_suffix, read_header, read_image, write_image
-from autoliver.validate import Tolerances, _geometry_mismatch
+from autoliver.validate import Tolerances, geometry_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _case_problems(path: Path, shown: Path, volume: tuple[Path, Geometry | None]
         if vol_geom is None:
             problems.append(f"{vol_path}: not a 3D volume; cannot check {shown} against it")
         else:
-            problems += _geometry_mismatch(vol_path, vol_geom, shown, geometry, tol)
+            problems += geometry_mismatch(vol_path, vol_geom, shown, geometry, tol)
     try:
         array, geometry = read_image(path)
     except ImageReadError as exc:

@@ -100,7 +100,7 @@ def read_checked_image(path: Path) -> tuple[np.ndarray, Geometry]:
     return image, geometry
 
 
-def _geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry, tol: Tolerances) -> list[str]:
+def geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry, tol: Tolerances) -> list[str]:
     """Compare ``geom`` (of ``path``) with ``ref`` (of ``ref_path``); one message per differing field."""
     out = []
     fix = f"resample or re-export {path.name} onto the grid of {ref_path.name}"
@@ -160,7 +160,7 @@ def _check_case(case: Case, declared: set[int], root: Path, tol: Tolerances, is_
         if ref is None:
             ref = (path, geom)
         else:
-            problems += _geometry_mismatch(ref[0], ref[1], path, geom, tol)
+            problems += geometry_mismatch(ref[0], ref[1], path, geom, tol)
     if is_test or case.label is None or not Path(os.path.abspath(case.label)).is_relative_to(root):
         return problems
     geom, more = _header_problems(case.label)
@@ -168,7 +168,7 @@ def _check_case(case: Case, declared: set[int], root: Path, tol: Tolerances, is_
     if geom is None:
         return problems
     if ref is not None:
-        problems += _geometry_mismatch(ref[0], ref[1], case.label, geom, tol)
+        problems += geometry_mismatch(ref[0], ref[1], case.label, geom, tol)
     image, more = _read_voxels(case.label)
     problems += more
     if image is not None:

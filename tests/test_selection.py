@@ -146,7 +146,7 @@ def fake_crf_module() -> types.ModuleType:
     """A stand-in CRF: zero the tumour probability below ``thr`` (renormalised)."""
     module = types.ModuleType("autoliver.postprocess.crf")
 
-    def dense_crf(probabilities, image, spacing, thr=0.0):
+    def dense_crf(probabilities, image, spacing, thr=0.0, roi="liver"):  # the contract's signature
         assert probabilities.shape[1:] == image.shape and probabilities.dtype == np.float32 and len(spacing) == 3
         out = probabilities.copy()
         out[2][out[2] < thr] = 0.0

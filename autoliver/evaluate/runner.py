@@ -40,7 +40,7 @@ from autoliver.evaluate.surface import bounding_box, surface_metrics
 from autoliver.io.atomic import write_bytes, write_json
 from autoliver.io.images import image_suffix, read_header, read_image
 from autoliver.parallel import parallel_map
-from autoliver.validate import Tolerances, _geometry_mismatch
+from autoliver.validate import Tolerances, geometry_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def geometry_problems(pairs: list[CasePair], tol: Tolerances = Tolerances()) -> 
             bad = pair.reference if ref_geom is None else pair.prediction
             problems.append(f"{bad}: not a 3D volume; label maps must be 3D (paired with {pair.prediction if bad == pair.reference else pair.reference})")
             continue
-        problems += _geometry_mismatch(pair.reference, ref_geom, pair.prediction, pred_geom, tol)
+        problems += geometry_mismatch(pair.reference, ref_geom, pair.prediction, pred_geom, tol)
     return problems
 
 

@@ -10,7 +10,6 @@ Without either, it takes the first trained configuration and its folds (``load_m
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from autoliver.errors import MissingArtefactError, PlanError, StaleArtefactError
+from autoliver.errors import MissingArtefactError, StaleArtefactError
 from autoliver.infer.predictor import Model, find_plans, load_model
 from planning.plans import Plans
 
 log = logging.getLogger(__name__)
 
 INFERENCE_PLAN = "inference_plan.json"
-PLAN_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -86,23 +84,15 @@ class Ensemble:
                 "arch": {m.configuration.name: m.arch for m in self.models}}
 
 
-def read_inference_plan(path: Path, plans: Plans, plans_path: Path) -> dict:
-    """Load and check ``inference_plan.json`` against the plans the models come from."""
-    remake = f"run `autoliver find_best_configuration {plans.dataset_name}` again"
-    try:
-        plan = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{path}: not readable JSON ({exc}); {remake}") from exc
-    if not isinstance(plan, dict) or plan.get("schema_version") != PLAN_SCHEMA_VERSION:
-        raise PlanError(f"{path}: schema_version {plan.get('schema_version') if isinstance(plan, dict) else None!r}, "
-                        f"expected {PLAN_SCHEMA_VERSION}; {remake}")
-    configs = plan.get("configurations")
-    if not isinstance(configs, list) or not configs or not all(isinstance(c, str) for c in configs):
-        raise PlanError(f"{path}: 'configurations' must be a non-empty list of names; {remake}")
-    if not isinstance(plan.get("folds", {}), dict) or not isinstance(plan.get("postprocessing", []), list):
-        raise PlanError(f"{path}: 'folds' must be an object and 'postprocessing' a list; {remake}")
-    if plan.get("plans_hash") != plans.plans_hash:
-        raise StaleArtefactError(f"{path}: made for other plans than {plans_path} (plans_hash differs); {remake}")
+def read_inference_plan(path: Path, plans: Plans, plans_path: Path):
+    """``inference_plan.json`` read and validated (``autoliver.selection.load_inference_plan``),
+    then checked against the plans the models come from."""
+    from autoliver.selection.plan_file import load_inference_plan
+
+    plan = load_inference_plan(path)
+    if plan.plans_hash != plans.plans_hash:
+        raise StaleArtefactError(f"{path}: made for other plans than {plans_path} (plans_hash differs); "
+                                 f"run `autoliver find_best_configuration {plans.dataset_name}` again")
     return plan
 
 
@@ -118,10 +108,9 @@ def load_ensemble(model_dir: str | Path, configurations: Sequence[str] | str | N
     if not configurations and not folds and use_plan and plan_path.is_file():
         plans_path = find_plans(model_dir)
         plan = read_inference_plan(plan_path, Plans.load(plans_path), plans_path)
-        fold_map = plan.get("folds", {})
-        models = tuple(load_model(model_dir, c, fold_map.get(c) or None, device, precision) for c in plan["configurations"])
-        steps = tuple(s for s in plan.get("postprocessing", []) if isinstance(s, dict) and s.get("enabled"))
-        log.info("%s: configurations %s, post-processing %s", plan_path, ", ".join(plan["configurations"]),
+        models = tuple(load_model(model_dir, c, plan.folds.get(c) or None, device, precision) for c in plan.configurations)
+        steps = tuple(s for s in plan.postprocessing if s.get("enabled"))
+        log.info("%s: configurations %s, post-processing %s", plan_path, ", ".join(plan.configurations),
                  ", ".join(s["name"] for s in steps) or "none")
         return Ensemble(models, steps, str(plan_path))
     if not configurations:

@@ -86,7 +86,8 @@ def crf_refine(probabilities: np.ndarray, image: np.ndarray, spacing: Sequence[f
     if sl is None:
         return out
     refined = module.dense_crf(np.ascontiguousarray(probabilities[(slice(None), *sl)], dtype=np.float32),
-                               np.ascontiguousarray(image[sl], dtype=np.float32), tuple(float(s) for s in spacing), **dict(params))
+                               np.ascontiguousarray(image[sl], dtype=np.float32), tuple(float(s) for s in spacing),
+                               **{**dict(params), "roi": None})  # already cropped to the liver box
     out[sl] = np.asarray(refined).argmax(0).astype(np.uint8)
     return out
 
