@@ -15,7 +15,8 @@ import SimpleITK as sitk
 from autoliver import examples
 from autoliver.cli import main
 from autoliver.errors import MissingArtefactError
-from autoliver.infer.predictor import load_model, mirrored, predict_case
+from autoliver.infer.pipeline import predict_case
+from autoliver.infer.predictor import load_model, mirrored
 from autoliver.io.inputs import discover_inputs, parse_shard, select_shard
 from autoliver.io.images import Geometry, read_image, write_image
 from test_train_cli import DATASET, build_tiny_workspace

@@ -289,10 +289,3 @@ def preprocess_for(model, image: np.ndarray, geometry: Geometry) -> dict[str, tu
     data identifier -> (data, properties that map back)."""
     idents = list(model.data_identifiers)
     return {ident: (data, props) for ident, data, _, props in iter_preprocessed(image, geometry, None, model.plans, idents)}
-
-
-def predict_case(model, image: np.ndarray, geometry: Geometry, **kwargs):
-    """``autoliver.infer.pipeline.predict_case`` (kept here for existing callers)."""
-    from autoliver.infer.pipeline import predict_case as run
-
-    return run(model, image, geometry, **kwargs)
