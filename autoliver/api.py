@@ -7,18 +7,17 @@ preprocessed folder the plans'. A stale artefact is rebuilt (fingerprint) or ref
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autoliver.errors import MissingArtefactError, PlanError, StaleArtefactError
+from autoliver.core.errors import PlanError, UsageError
+from autoliver.core.layout import DATASET_NAME_RE, Workspace, dataset_name, resolve_dataset
 from autoliver.io.atomic import write_json
 from autoliver.io.dataset import RawDataset
 from autoliver.train.options import TrainOptions
-from autoliver.workspace import DATASET_NAME_RE, Workspace, resolve_dataset
 from planning.plans import CONFIGURATION_NAMES, Plans
 
 if TYPE_CHECKING:  # prediction imports torch: only when it is used
@@ -48,7 +47,7 @@ class PreprocessSummary:
 
 def validate(dataset_spec: str | Path, workspace: Workspace, options: StageOptions = StageOptions()) -> RawDataset:
     """Check a raw dataset completely; raise one DatasetError listing every problem."""
-    from autoliver.validate import check_dataset
+    from autoliver.io.validate import check_dataset
 
     root = resolve_dataset(dataset_spec, workspace)
     dataset = check_dataset(root, n_jobs=options.n_jobs, progress=options.progress)
@@ -68,7 +67,7 @@ def convert(source_format: str, source: str | Path, output: str | Path, workspac
         out = workspace.raw / out.name
     converters = {"msd": convert_msd, "lits": convert_lits}
     if source_format not in converters:
-        raise ValueError(f"unknown source format {source_format!r}; choose one of {sorted(converters)}")
+        raise UsageError(f"unknown source format {source_format!r}; choose one of {sorted(converters)}")
     return converters[source_format](Path(source), out, overwrite=overwrite, progress=progress)
 
 
@@ -77,10 +76,10 @@ def fingerprint(dataset: RawDataset, workspace: Workspace, options: StageOptions
 
     An existing fingerprint is reused when its input hash matches the dataset's files.
     """
-    from autoliver.fingerprint import dataset_input_hash, extract_fingerprint
+    from autoliver.preprocess.fingerprint import dataset_input_hash, extract_fingerprint
     from planning.fingerprint import load_fingerprint
 
-    path = workspace.preprocessed(dataset.name) / "fingerprint.json"
+    path = workspace.dataset(dataset.name).fingerprint
     input_hash = dataset_input_hash(dataset)
     if path.is_file() and not options.overwrite:
         existing = load_fingerprint(path)
@@ -116,9 +115,9 @@ def plan(fp: dict, device: str = "gpu", gpu_memory_gb: float | None = None) -> P
     from planning.planner import plan_experiment
 
     if device not in ("gpu", "cpu"):
-        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+        raise UsageError(f"device must be 'gpu' or 'cpu', got {device!r}")
     if gpu_memory_gb is not None and not gpu_memory_gb > 0:
-        raise ValueError(f"--gpu-memory must be a positive number of GB, got {gpu_memory_gb}")
+        raise UsageError(f"--gpu-memory must be a positive number of GB, got {gpu_memory_gb}")
     if device == "gpu":
         budget = gpu_memory_gb or detect_gpu_memory_gb()  # None: the planner's default (8 GB)
         return plan_experiment(fp, memory_gb=budget, device="gpu")
@@ -130,11 +129,10 @@ def write_plans(plans: Plans, path: Path) -> None:
     log.info("wrote %s", path)
 
 
-def load_plans(workspace: Workspace, dataset_name: str) -> Plans:
-    path = workspace.preprocessed(dataset_name) / "plans.json"
-    if not path.is_file():
-        raise MissingArtefactError(f"{path}: not found; run `autoliver plan_and_preprocess {dataset_name}` first")
-    return Plans.load(path)
+def load_plans(workspace: Workspace, dataset_spec: str | Path) -> Plans:
+    from autoliver.io.plans_file import load_plans as load
+
+    return load(workspace.dataset(dataset_name(dataset_spec, workspace)))
 
 
 def plan_and_preprocess(
@@ -154,7 +152,7 @@ def plan_and_preprocess(
     fp, fp_path = fingerprint(dataset, workspace, options)
     t_fp = time.perf_counter()
     plans = plan(fp, device=device, gpu_memory_gb=gpu_memory_gb)
-    plans_path = workspace.preprocessed(dataset.name) / "plans.json"
+    plans_path = workspace.dataset(dataset.name).plans
     write_plans(plans, plans_path)
 
     wanted = list(configurations) if configurations else list(plans.configurations)
@@ -176,97 +174,21 @@ def plan_and_preprocess(
     return summary
 
 
-def _preprocessed_dataset_name(spec: str | Path, workspace: Workspace) -> str:
-    """A dataset given by name, numeric id or raw folder -> its name under preprocessed/."""
-    spec_str = str(spec)
-    pre_root = workspace.root / "preprocessed"
-    if (pre_root / spec_str).is_dir():
-        return spec_str
-    if spec_str.isdigit() and pre_root.is_dir():
-        matches = [p.name for p in sorted(pre_root.iterdir()) if (m := DATASET_NAME_RE.match(p.name)) and int(m["id"]) == int(spec_str)]
-        if len(matches) == 1:
-            return matches[0]
-    return resolve_dataset(spec, workspace).name
-
-
 def train(dataset_spec: str | Path, configuration: str, fold: int | str, workspace: Workspace, options: TrainOptions | None = None,
           dist=None, components=None):
-    """Train one fold of one configuration; returns the trainer's TrainResult.
+    """Train one fold of one configuration (see ``autoliver.train.setup.train_fold``)."""
+    from autoliver.train.setup import train_fold
 
-    Reads plans.json and the configuration's preprocessed folder; writes
-    ``results/<dataset>/<configuration>/fold_<k>/`` (checkpoints, log.jsonl, progress.png,
-    validation/, metrics.json) and ``results/<dataset>/splits.json`` on first use.
-    ``options`` is a ``TrainOptions``; ``dist`` a ``DistContext`` (torchrun); ``components``
-    replaces the network/loader factories (tests, other families).
-    """
-    from autoliver.data.loader import default_pad_value
-    from autoliver.preprocess.runner import DATASET_PROPERTIES
-    from autoliver.train.distributed import SINGLE
-    from autoliver.train.splits import fold_cases, holding_fold, load_or_create_splits
-    from autoliver.train.trainer import FoldSetup, Trainer
-
-    options = options or TrainOptions()
-    name = _preprocessed_dataset_name(dataset_spec, workspace)
-    plans = load_plans(workspace, name)
-    plans_path = workspace.preprocessed(name) / "plans.json"
-    if configuration not in plans.configurations:
-        hint = " (3d_lowres and 3d_cascade_fullres are planned only for images much larger than the patch)" if configuration in ("3d_lowres", "3d_cascade_fullres") else ""
-        raise PlanError(f"configuration {configuration!r} not in {plans_path}; planned: {', '.join(plans.configurations)}{hint}")
-    if fold != "all" and not (isinstance(fold, int) and 0 <= fold):
-        raise ValueError(f"fold must be 0..4 or 'all', got {fold!r}")
-    config = plans.configurations[configuration]
-    data_folder = workspace.preprocessed(name) / config.data_identifier
-    props_path = data_folder / DATASET_PROPERTIES
-    make = f"run `autoliver plan_and_preprocess {name} -c {configuration}`"
-    if not props_path.is_file():
-        raise MissingArtefactError(f"{props_path}: not found; {make}")
-    props = json.loads(props_path.read_text(encoding="utf-8"))
-    if any(abs(float(a) - float(b)) > 1e-6 * max(1.0, abs(float(b))) for a, b in zip(props.get("spacing", []), config.spacing)):
-        raise StaleArtefactError(f"{data_folder}: preprocessed at spacing {props.get('spacing')} mm but {plans_path} asks for {list(config.spacing)}; {make} --overwrite")
-    cases = [c for c in props.get("cases", []) if (data_folder / f"{c}_seg.b2nd").is_file()]
-    if not cases:
-        raise MissingArtefactError(f"{data_folder}: no preprocessed case with a label; {make}")
-    results = workspace.results(name)
-    splits, splits_path = load_or_create_splits(results, cases, options.splits_file)
-    if fold != "all" and fold >= len(splits):
-        raise ValueError(f"fold {fold}: {splits_path} has {len(splits)} folds (0..{len(splits) - 1})")
-    train_cases, val_cases = fold_cases(splits, fold, cases)
-
-    prev_folder = None
-    if config.previous_stage:
-        prev_folder = results / config.previous_stage / "predicted_next_stage"
-        missing = [c for c in cases if not (prev_folder / f"{c}.b2nd").is_file()]
-        if missing:
-            folds = sorted({str(holding_fold(splits, c)) for c in missing})
-            raise MissingArtefactError(
-                f"{prev_folder}: the {config.previous_stage} predictions of {len(missing)} case(s) ({', '.join(missing[:5])}) are missing; "
-                f"run `autoliver train -d {name} {config.previous_stage} FOLD` for fold(s) {', '.join(folds)} first")
-    next_stage = None
-    for other in plans.configurations.values():
-        if other.previous_stage == configuration:
-            full_folder = workspace.preprocessed(name) / other.data_identifier
-            if (full_folder / DATASET_PROPERTIES).is_file():
-                next_stage = (full_folder, results / configuration / "predicted_next_stage")
-            else:
-                log.warning("%s not preprocessed: %s predictions for %s will not be written", full_folder, configuration, other.name)
-    labels = sorted(plans.labels.items(), key=lambda kv: kv[1])
-    setup = FoldSetup(
-        dataset=name, config=config, plans_hash=plans.plans_hash, fold=fold, data_folder=data_folder,
-        output_dir=results / configuration / f"fold_{fold}", train_cases=tuple(train_cases), val_cases=tuple(val_cases),
-        class_names=tuple(k for k, _ in labels), arch=options.arch or config.extra.get("arch", "unet"),
-        prev_stage_folder=prev_folder, next_stage=next_stage, pad_value=default_pad_value(data_folder),
-    )
-    log.info("%s %s fold %s: %d training, %d validation cases, network %s", name, configuration, fold, len(train_cases), len(val_cases), setup.arch)
-    return Trainer(setup, options, dist or SINGLE, components).run()
+    return train_fold(workspace.dataset(dataset_name(dataset_spec, workspace)), configuration, fold, options, dist, components)
 
 
 def resolve_model_dir(workspace: Workspace, model_dir: str | Path | None = None, dataset_spec: str | Path | None = None) -> Path:
     """``-m MODEL_DIR`` as given, else ``results/<dataset>`` of the workspace for ``-d DATASET``."""
     if (model_dir is None) == (dataset_spec is None):
-        raise ValueError("give exactly one of a model folder (-m MODEL_DIR) and a dataset (-d DATASET)")
+        raise UsageError("give exactly one of a model folder (-m MODEL_DIR) and a dataset (-d DATASET)")
     if model_dir is not None:
         return Path(model_dir).expanduser().resolve()
-    return workspace.results(_preprocessed_dataset_name(dataset_spec, workspace))
+    return workspace.results(dataset_name(dataset_spec, workspace))
 
 
 def predict(input_path: str | Path, output: str | Path, workspace: Workspace, model_dir: str | Path | None = None,
@@ -331,7 +253,7 @@ def submit(prediction_dir: str | Path, output: str | Path, test_dir: str | Path 
            options: StageOptions = StageOptions()) -> Path:
     """Build a LiTS leaderboard zip (test-segmentation-N.nii) from ``autoliver predict`` output;
     ``test_dir`` (the test-volume-N.nii folder) checks completeness and geometry."""
-    from autoliver.submit import build_submission
+    from autoliver.evaluate.submit import build_submission
 
     return build_submission(prediction_dir, output, test_dir, overwrite=options.overwrite, progress=options.progress)
 
@@ -339,7 +261,7 @@ def submit(prediction_dir: str | Path, output: str | Path, test_dir: str | Path 
 def check_submission(path: str | Path, test_dir: str | Path | None = None, n_cases: int | None = None,
                      options: StageOptions = StageOptions()) -> list[str]:
     """Every problem of a LiTS submission zip or folder (an empty list: valid)."""
-    from autoliver.submit import check_submission as check
+    from autoliver.evaluate.submit import check_submission as check
 
     return check(path, test_dir, n_cases=n_cases, progress=options.progress)
 
@@ -351,16 +273,16 @@ def find_best_configuration(dataset_spec: str | Path, workspace: Workspace, conf
     ``results/<dataset>/inference_plan.json``; returns the ``autoliver.selection.SelectionResult``."""
     from autoliver.selection import find_best_configuration as select
 
-    name = _preprocessed_dataset_name(dataset_spec, workspace)
-    return select(workspace.preprocessed(name), workspace.results(name), configurations, progress=options.progress,
+    paths = workspace.dataset(dataset_name(dataset_spec, workspace))
+    return select(paths.preprocessed, paths.results, configurations, progress=options.progress,
                   crf_grid=None if crf else [])
 
 
 def postprocess(input_dir: str | Path, output_dir: str | Path, plan_path: str | Path, images_dir: str | Path | None = None,
                 options: StageOptions = StageOptions()):
     """Apply an inference plan's post-processing to existing predictions; returns the
-    ``autoliver.postprocess.apply.PostprocessSummary``."""
-    from autoliver.postprocess import postprocess_folder
+    ``autoliver.infer.postprocess_folder.PostprocessSummary``."""
+    from autoliver.infer.postprocess_folder import postprocess_folder
 
     return postprocess_folder(input_dir, output_dir, plan_path, images_dir=images_dir, overwrite=options.overwrite, progress=options.progress)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from autoliver import __version__
-from autoliver.errors import AutoliverError
+from autoliver.core.errors import AutoliverError, UsageError
 
 log = logging.getLogger("autoliver")
 
@@ -20,7 +20,7 @@ WORKSPACE_HELP = f"workspace root (raw/, preprocessed/, results/); default ${WOR
 
 
 def _workspace(args: argparse.Namespace):
-    from autoliver.workspace import Workspace
+    from autoliver.core.layout import Workspace
 
     root = args.workspace or os.environ.get(WORKSPACE_ENV)
     if not root:
@@ -185,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     if not 0 < options.step <= 1:
-        raise ValueError(f"--step-size must be in (0, 1], got {options.step}")
+        raise UsageError(f"--step-size must be in (0, 1], got {options.step}")
     ws = _workspace(args) if args.dataset is not None else None
     summary = api.predict(args.input, args.output, ws, model_dir=args.model, dataset_spec=args.dataset,
                           configuration=args.configuration, folds=args.folds, device=args.device, options=options)
@@ -227,11 +227,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     common = {"model_dir": args.model, "n_jobs": max(1, args.np), "progress": not args.no_progress, "image_size": args.image_size}
     if args.dataset is not None:
         if args.images or args.references or args.evaluation:
-            raise ValueError("-i/-r/-e go with -p PREDICTIONS; a dataset report (-d) takes its images and labels from the dataset")
+            raise UsageError("-i/-r/-e go with -p PREDICTIONS; a dataset report (-d) takes its images and labels from the dataset")
         out = api.report_dataset(args.dataset, args.output, _workspace(args), **common)
     else:
         if not args.images:
-            raise ValueError("-p PREDICTIONS needs -i IMAGES: the CT images the predictions were made from")
+            raise UsageError("-p PREDICTIONS needs -i IMAGES: the CT images the predictions were made from")
         out = api.report_predictions(args.predictions, args.images, args.output, references=args.references,
                                      evaluation=args.evaluation, **common)
     print(f"wrote {out} (open it in a browser)")
@@ -261,7 +261,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{args.input}: {len(problems)} problem(s)" if problems else f"{args.input}: valid LiTS submission")
         return 1 if problems else 0
     if not args.output:
-        raise ValueError("give -o submission.zip (or --check to check an existing submission)")
+        raise UsageError("give -o submission.zip (or --check to check an existing submission)")
     out = api.submit(args.input, args.output, args.test_volumes, _options(args))
     print(f"wrote {out}")
     return 0
@@ -471,16 +471,27 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
+    except UsageError as exc:
+        log.error("%s", exc, exc_info=args.verbose)
+        return 2
     except AutoliverError as exc:
         log.error("%s", exc, exc_info=args.verbose)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        log.error("%s", exc, exc_info=args.verbose)
-        return 2
     except KeyboardInterrupt:
         log.error("interrupted; finished work is kept and a re-run resumes from it")
         return 130
-
+    except MemoryError:
+        log.error("out of memory; use a smaller -np, free memory, or a machine with more", exc_info=args.verbose)
+        return 1
+    except OSError as exc:  # disk full, permission denied, a folder that cannot be made: name the path
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f) or "a file"
+        log.error("%s: %s; nothing half-written was kept: fix this and run the command again", where, exc.strerror or exc,
+                  exc_info=args.verbose)
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback with -v
+        log.error("internal error: %s: %s (run again with -v for the traceback, and report it)", type(exc).__name__, exc,
+                  exc_info=args.verbose)
+        return 3
 
 if __name__ == "__main__":
     sys.exit(main())

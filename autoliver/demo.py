@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from autoliver.core.errors import UsageError
+from autoliver.core.layout import DATASET_JSON, Workspace
 from autoliver.examples import DICOM_DIR, image_path, label_path
 from autoliver.examples.dataset import build_example_dataset, write_phantom_case
 from autoliver.io.atomic import atomic_dir
-from autoliver.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ class DemoOptions:
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
-            raise ValueError(f"--minutes must be positive, got {self.minutes}")
+            raise UsageError(f"--minutes must be positive, got {self.minutes}")
         if self.n_phantoms < 1:
-            raise ValueError(f"--phantoms must be >= 1, got {self.n_phantoms}")
+            raise UsageError(f"--phantoms must be >= 1, got {self.n_phantoms}")
 
 
 @dataclass
@@ -127,7 +128,7 @@ def run_demo(workspace: Workspace, options: DemoOptions = DemoOptions()) -> Demo
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     raw = workspace.raw / DATASET
-    if not (raw / "dataset.json").is_file():
+    if not (raw / DATASET_JSON).is_file():
         build_example_dataset(raw, real_cases=TRAIN_REAL, n_phantoms=options.n_phantoms, phantom_shape=options.phantom_shape,
                               phantom_spacing=options.phantom_spacing, seed=options.seed)
     demo_dir = workspace.root / "demo"
@@ -141,8 +142,9 @@ def run_demo(workspace: Workspace, options: DemoOptions = DemoOptions()) -> Demo
 
     t = time.perf_counter()
     model_dir = workspace.results(DATASET)
-    if (model_dir / options.configuration / "fold_all" / "checkpoint_final.pt").is_file():
-        log.info("%s: already trained, skipping training", model_dir / options.configuration / "fold_all")
+    fold = workspace.dataset(DATASET).model.fold(options.configuration, "all")
+    if fold.final.is_file():
+        log.info("%s: already trained, skipping training", fold.root)
     else:
         api.train(DATASET, options.configuration, "all", workspace, _train_options(options))
     seconds["train"] = time.perf_counter() - t

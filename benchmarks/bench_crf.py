@@ -2,7 +2,7 @@
 
 Cases (each a liver box + margin, as the CRF sees it with roi="liver"):
 
-- ``phantom_lits``: a synthetic CT (autoliver.phantom) at 1.0 x 0.77 x 0.77 mm, cropped to
+- ``phantom_lits``: a synthetic CT (autoliver.examples.phantom) at 1.0 x 0.77 x 0.77 mm, cropped to
   the liver's bounding box + 10 mm: a LiTS-size liver crop (~150 x 300 x 260 voxels);
 - ``lits117_128cube``, ``chaos_ct_sample``: the real CT examples shipped with autoliver.
 
@@ -124,8 +124,8 @@ def _crop_liver(image: np.ndarray, truth: np.ndarray, spacing, margin_mm: float 
 
 def load_cases(quick: bool, rng: np.random.Generator) -> dict:
     from autoliver import examples
+    from autoliver.examples.phantom import make_phantom
     from autoliver.io.images import read_image
-    from autoliver.phantom import make_phantom
 
     cases = {}
     shape = (120, 256, 256) if quick else (220, 512, 512)

@@ -31,10 +31,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from autoliver import examples
+from autoliver.evaluate.overlap import case_dice
 from autoliver.infer.precision import cpu_flags, cpu_has_native_bf16, resolve_precision
 from autoliver.infer.predictor import load_model, preprocess_for
 from autoliver.io.images import read_image
-from autoliver.train.validation import case_dice
 
 
 def timed(fn, reps: int, cpu: list | None = None) -> float:

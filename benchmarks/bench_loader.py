@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from autoliver.api import StageOptions, plan_and_preprocess
+from autoliver.core.layout import Workspace
 from autoliver.data import make_train_loader
-from autoliver.phantom import write_phantom_dataset
+from autoliver.examples.phantom import write_phantom_dataset
 from autoliver.preprocess.storage import list_cases
-from autoliver.workspace import Workspace
 from planning.plans import Plans
 
 

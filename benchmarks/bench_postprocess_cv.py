@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from autoliver.core.layout import Workspace
 from autoliver.postprocess.apply import LABEL_STEPS, apply_label_step, crf_module
 from autoliver.selection.cv import discover
 from autoliver.selection.decide import decide_postprocessing
 from autoliver.selection.ensemble import candidate_sets, choose, rank, ranking_table, score_candidates
 from autoliver.selection.select import postprocessing_table
-from autoliver.workspace import Workspace
 
 
 def partial_source(preprocessed_dir: Path, results_dir: Path, configurations: list[str]):

@@ -2,7 +2,7 @@
 the precisions, test-time augmentation on/off and ROI-first on/off.
 
 Self-contained, in memory (no image files: it runs where only torch, numpy and SciPy are
-installed and blosc2 is carried): it makes synthetic phantoms with ``autoliver.phantom``,
+installed and blosc2 is carried): it makes synthetic phantoms with ``autoliver.examples.phantom``,
 fingerprints and plans them with ``planning`` for the GPU's memory, preprocesses them with
 ``autoliver.preprocess`` into a temporary workspace, trains one configuration on every case
 with ``api.train`` for ``--train-minutes``, then predicts ``--test-cases`` LiTS-size phantoms
@@ -29,17 +29,17 @@ import numpy as np
 import torch
 
 from autoliver import api
+from autoliver.core.layout import Workspace
+from autoliver.evaluate.overlap import case_dice
+from autoliver.examples.dataset import phantom_geometry
+from autoliver.examples.phantom import make_phantom
 from autoliver.infer.pipeline import predict_case
 from autoliver.infer.predictor import load_model
 from autoliver.io.atomic import write_json
-from autoliver.examples.dataset import phantom_geometry
-from autoliver.phantom import make_phantom
 from autoliver.preprocess.case import iter_preprocessed
 from autoliver.preprocess.runner import DATASET_PROPERTIES, case_seed
 from autoliver.preprocess.storage import save_case
 from autoliver.train.options import TrainOptions
-from autoliver.train.validation import case_dice
-from autoliver.workspace import Workspace
 from planning.fingerprint import analyse_case, reduce_fingerprint
 from planning.planner import plan_experiment
 

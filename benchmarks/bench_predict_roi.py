@@ -1,7 +1,7 @@
 """ROI-first inference against whole-volume inference: seconds per case and Dice.
 
 For each case (real CT shipped in autoliver.examples, and LiTS-size phantoms: 512 x 512 x
-``--slices`` at 1.0 x 0.77 x 0.77 mm from autoliver.phantom, seeds unlike the training
+``--slices`` at 1.0 x 0.77 x 0.77 mm from autoliver.examples.phantom, seeds unlike the training
 phantoms') and each configuration, ``predict_case`` runs with the ROI on and off (TTA on,
 step 0.5) and the label map is scored against the reference (liver = labels 1 + 2, tumour =
 label 2, LiTS rule for empty masks). With ``--memory``, each configuration also predicts a
@@ -81,12 +81,12 @@ import numpy as np
 import torch
 
 from autoliver import examples
-from autoliver.infer.predictor import load_model
-from autoliver.infer.pipeline import predict_case
-from autoliver.io.images import Geometry, read_image, write_image
+from autoliver.evaluate.overlap import case_dice
 from autoliver.examples.dataset import phantom_geometry
-from autoliver.phantom import make_phantom
-from autoliver.train.validation import case_dice
+from autoliver.examples.phantom import make_phantom
+from autoliver.infer.pipeline import predict_case
+from autoliver.infer.predictor import load_model
+from autoliver.io.images import Geometry, read_image, write_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import measure_command  # noqa: E402

@@ -53,7 +53,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import human_bytes, measure_command  # noqa: E402
 from bench_plan_and_preprocess import (  # noqa: E402
-    DEFAULT_NNUNET_VENV, NNUNET_VENV_ENV, default_autoliver_cmd, describe_dataset, ensure_nnunet, package_versions,
+    DEFAULT_NNUNET_VENV,
+    NNUNET_VENV_ENV,
+    default_autoliver_cmd,
+    describe_dataset,
+    ensure_nnunet,
+    package_versions,
 )
 from bench_train_vs_nnunet import autoliver_config, autoliver_parameters, prepare_autoliver, prepare_nnunet  # noqa: E402
 
@@ -98,8 +103,8 @@ def build_test_set(folder: Path, real: list[str], n_phantoms: int, shape, spacin
     """``folder/images/<case>_0000.nii.gz`` and ``folder/labels/<case>.nii.gz``: real cases copied, phantoms
     ``test_phantom_k`` from a generator seeded (seed, 1000 + k), so none equals a training phantom."""
     from autoliver.examples import image_path, label_path
+    from autoliver.examples.phantom import make_phantom
     from autoliver.io.images import Geometry, write_image
-    from autoliver.phantom import make_phantom
 
     recipe = {"real_cases": list(real), "n_phantoms": n_phantoms, "phantom_shape": list(shape), "phantom_spacing": list(spacing),
               "n_tumours": n_tumours, "seed": seed}
@@ -271,8 +276,8 @@ def autoliver_timings(lines: list[tuple[float, str]], out_dir: Path, cases: list
 
 def score(pred_dir: Path, labels: Path, cases: list[str]) -> dict:
     """Liver (labels 1 + 2) and tumour (2) Dice of every case, LiTS empty rule (autoliver's case_dice)."""
+    from autoliver.evaluate.overlap import case_dice
     from autoliver.io.images import read_image
-    from autoliver.train.validation import case_dice
 
     out = {}
     for case in cases:

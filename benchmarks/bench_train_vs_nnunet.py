@@ -42,8 +42,15 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import human_bytes, measure_command  # noqa: E402
 from bench_plan_and_preprocess import (  # noqa: E402
-    DEFAULT_NNUNET_VENV, NNUNET_VENV_ENV, build_dataset, default_autoliver_cmd, describe_dataset, ensure_nnunet,
-    package_versions, run_autoliver, run_nnunet,
+    DEFAULT_NNUNET_VENV,
+    NNUNET_VENV_ENV,
+    build_dataset,
+    default_autoliver_cmd,
+    describe_dataset,
+    ensure_nnunet,
+    package_versions,
+    run_autoliver,
+    run_nnunet,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from autoliver.errors import PlanError
+from planning.errors import PlanError
 from planning.hashing import hash_json
 from planning.memory import GIB, max_batch_size, memory_breakdown, model_for, training_memory_bytes
 from planning.plans import Configuration, Normalisation, Plans

@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.distance import pdist
 
+from autoliver.evaluate.case_report import case_report, index_to_physical, largest_diameter, size_category
 from autoliver.io.images import Geometry
-from autoliver.report.case_report import case_report, index_to_physical, largest_diameter, size_category
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 

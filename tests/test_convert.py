@@ -11,11 +11,11 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from autoliver import examples
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError
 from autoliver.io import convert
 from autoliver.io.convert import convert_lits, convert_msd
 from autoliver.io.images import Geometry, read_header, read_image, write_image
-from autoliver.validate import validate_dataset
+from autoliver.io.validate import validate_dataset
 
 OBLIQUE = tuple(float(v) for v in Rotation.from_euler("xyz", [5, -8, 12], degrees=True).as_matrix().ravel())
 

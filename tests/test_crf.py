@@ -7,9 +7,9 @@ import inspect
 import numpy as np
 import pytest
 
+from autoliver.evaluate.overlap import case_dice
 from autoliver.postprocess.bilateral import bilateral_filter, build_grid, gaussian_filter_mm
 from autoliver.postprocess.crf import CRF_PARAM_GRID, dense_crf, liver_box
-from autoliver.train.validation import case_dice
 
 SPACING = (2.0, 0.8, 0.8)
 

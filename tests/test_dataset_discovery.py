@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError
 from autoliver.io.dataset import discover, load_dataset_json, open_dataset
 from autoliver.io.images import Geometry, write_image
 

@@ -12,11 +12,11 @@ from scipy.spatial import cKDTree
 
 from autoliver import examples
 from autoliver.cli import main
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError
 from autoliver.evaluate import CSV_COLUMNS, evaluate_case, evaluate_folders, evaluation_table, read_label_map
+from autoliver.evaluate.overlap import case_dice
+from autoliver.examples.phantom import make_phantom
 from autoliver.io.images import Geometry, write_image
-from autoliver.phantom import make_phantom
-from autoliver.train.validation import case_dice
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 

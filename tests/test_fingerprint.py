@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from autoliver import examples
-from autoliver.fingerprint import dataset_input_hash, extract_fingerprint
 from autoliver.io.dataset import discover
+from autoliver.preprocess.fingerprint import dataset_input_hash, extract_fingerprint
 from planning.crop import body_bbox, box_shape
 from planning.fingerprint import FingerprintFormatError, analyse_case, load_fingerprint, reduce_fingerprint
 

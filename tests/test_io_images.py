@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from autoliver import examples
-from autoliver.errors import ImageReadError
+from autoliver.core.errors import ImageReadError
 from autoliver.io import images, nifti_raw
 from autoliver.io.images import Geometry, dicom_series_files, read_header, read_image, write_image
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from autoliver.api import StageOptions, plan_and_preprocess
+from autoliver.core.errors import MissingArtefactError
+from autoliver.core.layout import Workspace
 from autoliver.data import DataLoadingError, make_train_loader, make_val_loader
-from autoliver.errors import MissingArtefactError
-from autoliver.phantom import write_phantom_dataset
+from autoliver.examples.phantom import write_phantom_dataset
 from autoliver.preprocess.storage import list_cases, load_case
-from autoliver.workspace import Workspace
 from planning.plans import Plans
 
 REPO = Path(__file__).resolve().parents[1]

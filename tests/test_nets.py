@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoliver.nets import NetSpec, available_networks, build_network, default_blocks_per_stage, net_spec, register_network
-from autoliver.nets import registry
+from autoliver.nets import NetSpec, available_networks, build_network, default_blocks_per_stage, net_spec, register_network, registry
 from autoliver.nets.resenc import BasicBlock
 from planning.memory import parameter_count
 from planning.planner import plan_experiment

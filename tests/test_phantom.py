@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autoliver import phantom
+from autoliver.examples import phantom
+from autoliver.examples.phantom import SOFT_TISSUE_HU, TUMOUR_CONTRAST_HU, make_phantom, write_phantom_dataset
 from autoliver.io.dataset import open_dataset
 from autoliver.io.images import read_image
-from autoliver.phantom import SOFT_TISSUE_HU, TUMOUR_CONTRAST_HU, make_phantom, write_phantom_dataset
 
 # 200 x 320 x 320 mm: the liver, the lung bases and the kidneys are all in view
 SHAPE, SPACING = (80, 160, 160), (2.5, 2.0, 2.0)

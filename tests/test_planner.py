@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from autoliver.errors import PlanError
+from autoliver.core.errors import PlanError
 from planning.planner import plan_experiment, slices_for_25d
 from planning.plans import Plans
 from planning.table import plans_table

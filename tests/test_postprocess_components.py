@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autoliver.errors import MissingArtefactError
+from autoliver.core.artefacts import InferencePlan, parse_steps
+from autoliver.core.errors import MissingArtefactError
+from autoliver.evaluate.case_report import case_report
+from autoliver.infer.postprocess_folder import postprocess_folder
 from autoliver.io.atomic import write_json
 from autoliver.io.images import Geometry, read_image, write_image
-from autoliver.postprocess import apply_postprocessing, largest_component, largest_liver_component, min_tumour_volume, postprocess_folder, tumour_inside_liver
-from autoliver.report.case_report import case_report
-from autoliver.selection.plan_file import InferencePlan, write_inference_plan
+from autoliver.io.inference_plan import write_inference_plan
+from autoliver.postprocess import apply_postprocessing, largest_component, largest_liver_component, min_tumour_volume, tumour_inside_liver
 
 S26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -166,7 +168,7 @@ def test_apply_postprocessing_errors():
 
 def write_plan(path, steps):
     plan = InferencePlan(dataset="Dataset001_T", plans_hash="x", configurations=("3d_fullres",), folds={"3d_fullres": ("0",)},
-                         postprocessing=tuple(steps))
+                         postprocessing=parse_steps(steps))
     return write_inference_plan(path, plan)
 
 

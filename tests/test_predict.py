@@ -2,24 +2,24 @@
 kind (NIfTI file, `_0000` folder, DICOM series, oblique anisotropic MHA) keeps its exact
 geometry; skip/overwrite, a corrupt input among good ones, shards, TTA on and off."""
 
-import json
 import gzip
+import json
 import logging
-import struct
 import math
+import struct
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_train_cli import DATASET, build_tiny_workspace
 
 from autoliver import examples
 from autoliver.cli import main
-from autoliver.errors import MissingArtefactError
+from autoliver.core.errors import MissingArtefactError
 from autoliver.infer.pipeline import predict_case
 from autoliver.infer.predictor import load_model, mirrored
-from autoliver.io.inputs import discover_inputs, parse_shard, select_shard
 from autoliver.io.images import Geometry, read_image, write_image
-from test_train_cli import DATASET, build_tiny_workspace
+from autoliver.io.inputs import discover_inputs, parse_shard, select_shard
 
 FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
 

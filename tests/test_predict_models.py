@@ -12,22 +12,22 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from test_train_cli import DATASET, build_tiny_workspace
 
 from autoliver.cli import main
-from autoliver.errors import StaleArtefactError
+from autoliver.core.errors import StaleArtefactError
 from autoliver.infer.ensemble import Ensemble, load_ensemble
 from autoliver.infer.pipeline import ensemble_probabilities, predict_case
 from autoliver.infer.precision import cpu_flags, resolve_precision
 from autoliver.infer.predictor import FoldNetwork, load_model, predict_preprocessed, preprocess_for
 from autoliver.infer.roi import find_roi, liver_box
 from autoliver.infer.runner import PredictOptions, predict_inputs
+from autoliver.infer.volume import one_hot_foreground, predict_volume
+from autoliver.io.checkpoint import save_checkpoint
 from autoliver.io.images import read_image
 from autoliver.nets.registry import build_network, net_spec
 from autoliver.preprocess.resample import resample_probabilities
-from autoliver.train.checkpoint import save_checkpoint
-from autoliver.train.validation import one_hot_foreground, predict_volume
 from planning.plans import Plans
-from test_train_cli import DATASET, build_tiny_workspace
 
 FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
 MODELS = (("2d", "0"), ("2d", "1"), ("3d_fullres", "0"), ("3d_lowres", "0"), ("3d_cascade_fullres", "0"))
@@ -119,7 +119,7 @@ def test_cli_ensemble_and_inference_plan_default(ws, tmp_path):
     try:
         ens = load_ensemble(ws.results(DATASET))
         assert ens.configurations == ("3d_fullres", "2d") and ens.folds == {"3d_fullres": ["0"], "2d": ["0", "1"]}
-        assert [s["name"] for s in ens.postprocessing] == ["largest_liver_component"]
+        assert [s.name for s in ens.postprocessing] == ["largest_liver_component"]
         assert main([*base, "-o", str(tmp_path / "plan")]) == 0
         rep = json.loads((tmp_path / "plan" / f"{case}.json").read_text())
         assert rep["postprocessing"] == ["largest_liver_component"] and rep["models"]["source"] == str(plan_path)

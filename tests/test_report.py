@@ -14,12 +14,12 @@ import SimpleITK as sitk
 from skimage.transform import resize as sk_resize
 
 from autoliver.cli import main
-from autoliver.errors import MissingArtefactError
+from autoliver.core.errors import MissingArtefactError
+from autoliver.evaluate.case_report import case_report
+from autoliver.examples.phantom import make_phantom, write_phantom_dataset
 from autoliver.io.images import Geometry, write_image
-from autoliver.phantom import make_phantom, write_phantom_dataset
 from autoliver.report import charts, overlays
 from autoliver.report.build import build_dataset_report, build_prediction_report
-from autoliver.report.case_report import case_report
 from autoliver.report.html import render_html, write_report
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from autoliver import examples
+from autoliver.examples.phantom import make_phantom
 from autoliver.io.images import Geometry, write_image
-from autoliver.phantom import make_phantom
 from autoliver.report.build import build_prediction_report
 from autoliver.report.html import write_report
 from autoliver.report.overlays import LIVER_RGB, TUMOUR_RGB

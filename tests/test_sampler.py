@@ -11,13 +11,13 @@ import pytest
 from scipy import ndimage
 
 from autoliver.api import StageOptions, plan_and_preprocess
+from autoliver.core.layout import Workspace
 from autoliver.data import make_val_loader
 from autoliver.data.batches import BatchMaker, BatchSpec
 from autoliver.data.sampler import RANDOM, TUMOUR, CaseIndex, n_forced, patch_start, read_region
-from autoliver.phantom import make_phantom, write_phantom_dataset
+from autoliver.examples.phantom import make_phantom, write_phantom_dataset
 from autoliver.preprocess.case import class_locations, component_locations
 from autoliver.preprocess.storage import list_cases, load_case, save_case
-from autoliver.workspace import Workspace
 from planning.plans import Plans
 
 

@@ -10,13 +10,13 @@ import types
 import numpy as np
 import pytest
 
-from autoliver.errors import MissingArtefactError, PlanError
+from autoliver.core.errors import MissingArtefactError, PlanError
+from autoliver.evaluate.overlap import case_dice
 from autoliver.io.atomic import write_json
 from autoliver.preprocess.storage import save_case
 from autoliver.selection import find_best_configuration, load_inference_plan
 from autoliver.selection.cv import discover, load_probabilities
 from autoliver.selection.ensemble import choose, rank
-from autoliver.train.validation import case_dice
 from planning.plans import Configuration, Normalisation, Plans
 
 DATASET = "Dataset001_Sel"
@@ -127,7 +127,7 @@ def test_the_known_best_ensemble_wins_and_scores_match_brute_force(cv_ws, no_crf
 
 def test_postprocessing_decisions_without_crf(cv_ws, no_crf):
     pre, res = cv_ws
-    steps = {s["name"]: s for s in find_best_configuration(pre, res, progress=False).plan.postprocessing}
+    steps = {s.name: s.to_json() for s in find_best_configuration(pre, res, progress=False).plan.postprocessing}
     assert [s for s in steps] == ["dense_crf", "largest_liver_component", "tumour_inside_liver", "min_tumour_volume"]
     assert steps["dense_crf"]["enabled"] is False and "not available" in steps["dense_crf"]["note"]
     lcc = steps["largest_liver_component"]
@@ -160,7 +160,7 @@ def fake_crf_module() -> types.ModuleType:
 def test_crf_decided_on_cv_with_a_stand_in_module(cv_ws, monkeypatch):
     monkeypatch.setitem(sys.modules, "autoliver.postprocess.crf", fake_crf_module())
     pre, res = cv_ws
-    steps = {s["name"]: s for s in find_best_configuration(pre, res, progress=False).plan.postprocessing}
+    steps = {s.name: s.to_json() for s in find_best_configuration(pre, res, progress=False).plan.postprocessing}
     crf = steps["dense_crf"]
     assert crf["enabled"] and crf["params"] == {"thr": 0.65}  # removes the 0.6 speck, keeps the 0.725 tumours
     assert [v["params"]["thr"] for v in crf["cv"]["variants"]] == [0.0, 0.65, 0.8]

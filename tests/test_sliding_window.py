@@ -20,7 +20,7 @@ def test_tile_starts_cover_every_index_with_bounded_step(size, patch, step):
     starts = tile_starts(size, patch, step)
     covered = np.zeros(size, dtype=bool)
     for s in starts:
-        assert 0 <= s and s + patch <= size
+        assert s >= 0 and s + patch <= size
         covered[s : s + patch] = True
     assert covered.all()
     assert all(b - a <= patch * step + 1 for a, b in zip(starts, starts[1:]))

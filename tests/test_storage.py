@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from autoliver import examples
-from autoliver.errors import MissingArtefactError
+from autoliver.core.errors import MissingArtefactError
 from autoliver.io.dataset import open_dataset
 from autoliver.io.images import Geometry, read_image, write_image
 from autoliver.preprocess import storage

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from autoliver.cli import main
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError
+from autoliver.evaluate.submit import build_submission, check_submission
 from autoliver.io.images import Geometry, read_image, write_image
-from autoliver.submit import build_submission, check_submission
 
 FLIP_X = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 VOLUMES = {

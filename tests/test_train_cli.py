@@ -20,10 +20,10 @@ import torch
 
 from autoliver import api
 from autoliver.cli import main
-from autoliver.phantom import write_phantom_dataset
+from autoliver.core.layout import Workspace
+from autoliver.examples.phantom import write_phantom_dataset
+from autoliver.io.checkpoint import load_checkpoint
 from autoliver.preprocess.runner import preprocess_dataset
-from autoliver.train.checkpoint import load_checkpoint
-from autoliver.workspace import Workspace
 from planning.plans import Plans
 
 DATASET = "Dataset900_LiverPhantom"

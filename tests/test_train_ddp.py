@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from autoliver.train.checkpoint import load_checkpoint
-from autoliver.train.distributed import DistContext, local_batch_size, rank_seed
 from test_train_cli import DATASET, build_tiny_workspace, read_log
+
+from autoliver.io.checkpoint import load_checkpoint
+from autoliver.train.distributed import DistContext, local_batch_size, rank_seed
 
 ARGS = ["--device", "cpu", "--epochs", "4", "--iters-per-epoch", "4", "--val-iters", "2", "-np", "0", "--no-progress", "--threads", "1"]
 

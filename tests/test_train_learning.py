@@ -11,10 +11,10 @@ import json
 import time
 
 import pytest
+from test_train_cli import DATASET, build_tiny_workspace
 
 from autoliver import api
 from autoliver.train.options import TrainOptions
-from test_train_cli import DATASET, build_tiny_workspace
 
 LIVER_DICE_MIN = 0.85
 

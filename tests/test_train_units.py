@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoliver.train.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autoliver.evaluate.overlap import case_dice
+from autoliver.evaluate.overlap import mask_dice as dice
+from autoliver.io.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from autoliver.train.loss import DeepSupervisionLoss, confusion_counts, deep_supervision_weights, downsample_target, soft_dice
 from autoliver.train.schedule import BudgetPlan, poly_lr
 from autoliver.train.splits import SplitsError, fold_cases, holding_fold, load_or_create_splits, make_splits
-from autoliver.train.validation import case_dice, dice
 
 
 def test_deep_supervision_weights_halve_and_drop_the_coarsest():

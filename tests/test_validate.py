@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from autoliver import examples
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError
 from autoliver.io.images import Geometry, read_header, write_image
-from autoliver.validate import check_dataset, validate_dataset
+from autoliver.io.validate import check_dataset, validate_dataset
 
 EYE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 GEOM = Geometry((6, 7, 8), (2.5, 0.75, 0.75), (-10.0, 20.0, -30.0), EYE)

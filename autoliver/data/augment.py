@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from batchgenerators.augmentations.utils import (
     create_zero_centered_coordinate_mesh,
     elastic_deform_coordinates,
@@ -52,8 +54,6 @@ from batchgenerators.transforms.color_transforms import (
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform
-import torch
-import torch.nn.functional as F
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: dummy 2D when max(patch) / patch[0] > 3
 MARGIN = 3  # voxels read beyond the transformed grid's bounding box (cubic spline support)

@@ -41,11 +41,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from autoliver.core.errors import DataLoadingError, MissingArtefactError
+from autoliver.core.layout import PLANS
 from autoliver.data.augment import default_settings
 from autoliver.data.batches import PREV_SUFFIX, BatchMaker, BatchSpec, SampleError
 from autoliver.data.sampler import FOREGROUND, TUMOUR
 from autoliver.preprocess.normalise import air_pad_value
-from autoliver.errors import DataLoadingError, MissingArtefactError
 from autoliver.preprocess.storage import case_done
 from planning.plans import Configuration, Normalisation
 
@@ -188,7 +189,7 @@ def default_pad_value(folder: Path) -> float:
     """The normalised image's minimum (the clip_low of the plan's CT normalisation, i.e. air),
     from ``<folder>/../plans.json``; 0 when there is none. Patches beyond the volume get it,
     so they look like the air around the body rather than like liver (0 = the foreground mean)."""
-    path = Path(folder).parent / "plans.json"
+    path = Path(folder).parent / PLANS  # <preprocessed>/<dataset>/<data identifier> -> <dataset>/plans.json
     try:
         norm = Normalisation(**json.loads(path.read_text(encoding="utf-8"))["normalisation"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoliver.core.labels import STRUCTURE_NAMES, structure_mask
+
 
 @dataclass(frozen=True)
 class OverlapCounts:
@@ -125,3 +127,16 @@ OVERLAP_METRICS = {
 def overlap_metrics(c: OverlapCounts) -> dict[str, float]:
     """Every metric above, by name."""
     return {name: fn(c) for name, fn in OVERLAP_METRICS.items()}
+
+
+def mask_dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (LiTS)."""
+    p, r = np.count_nonzero(pred), np.count_nonzero(ref)
+    if p + r == 0:
+        return 1.0
+    return 2.0 * np.count_nonzero(pred & ref) / (p + r)
+
+
+def case_dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Liver (labels 1 + 2) and tumour (label 2) Dice of two label maps (LiTS empty rule)."""
+    return {name: mask_dice(structure_mask(pred, name), structure_mask(ref, name)) for name in STRUCTURE_NAMES}

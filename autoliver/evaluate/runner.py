@@ -33,20 +33,19 @@ from pathlib import Path
 
 import numpy as np
 
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError, UsageError
+from autoliver.core.labels import STRUCTURES, label_value_problems, liver_mask, tumour_mask
+from autoliver.core.parallel import parallel_map
 from autoliver.evaluate.detection import detect_lesions, detection_summary
 from autoliver.evaluate.overlap import OverlapCounts, dice, overlap_counts, overlap_metrics
 from autoliver.evaluate.surface import bounding_box, surface_metrics
 from autoliver.io.atomic import write_bytes, write_json
 from autoliver.io.images import image_suffix, read_header, read_image
-from autoliver.parallel import parallel_map
-from autoliver.validate import Tolerances, geometry_mismatch
+from autoliver.io.validate import Tolerances, geometry_mismatch
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-LABEL_VALUES = (0, 1, 2)
-STRUCTURES = {"liver": (1, 2), "tumour": (2,)}
 CASE_METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "mssd_mm", "hd95_mm", "precision", "recall", "f1",
                 "accuracy", "volume_ref_ml", "volume_pred_ml")
 DETECTION_COLUMNS = {"n_lesions_ref": "n_ref", "n_lesions_pred": "n_pred", "tp_overlap": "tp_overlap", "tp_iou50": "tp_iou50"}
@@ -60,22 +59,6 @@ class CasePair:
     case: str
     reference: Path
     prediction: Path | None  # None: scored as an empty prediction
-
-
-def label_value_problems(path: Path, array: np.ndarray) -> list[str]:
-    """Problems of a label map's values (integers in {0, 1, 2} only), naming ``path``."""
-    if array.dtype == np.uint8:
-        bad = array > LABEL_VALUES[-1]
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            return [f"{path}: label map holds non-integer or NaN values; labels must be 0, 1, 2: re-export it as uint8"]
-        bad = (array < 0) | (array > LABEL_VALUES[-1])
-    else:
-        bad = (array < 0) | (array > LABEL_VALUES[-1])
-    if np.any(bad):
-        values = np.unique(array[bad])[:10].tolist()
-        return [f"{path}: label values {values} found; only 0 (background), 1 (liver) and 2 (tumour) are allowed: fix the label map"]
-    return []
 
 
 def read_label_map(path: Path):
@@ -115,17 +98,17 @@ def label_files(folder: Path) -> dict[str, Path]:
                 if kinds[0] == "segmentation":
                     found[key] = path
                 continue
-            raise ValueError(f"{folder}: case {key!r} given twice ({found[key].name} and {path.name}); keep one")
+            raise UsageError(f"{folder}: case {key!r} given twice ({found[key].name} and {path.name}); keep one")
         found[key] = path
     if not found:
-        raise ValueError(f"{folder}: no label maps (NIfTI, NRRD, MHA) found")
+        raise UsageError(f"{folder}: no label maps (NIfTI, NRRD, MHA) found")
     return found
 
 
 def pair_cases(reference_dir: Path, prediction_dir: Path, missing: str = "error") -> list[CasePair]:
     """Pair reference and prediction files by case; ``missing``: "error" or "empty"."""
     if missing not in ("error", "empty"):
-        raise ValueError(f"missing must be 'error' or 'empty', got {missing!r}")
+        raise UsageError(f"missing must be 'error' or 'empty', got {missing!r}")
     refs, preds = label_files(reference_dir), label_files(prediction_dir)
     absent = sorted(set(refs) - set(preds))
     if absent and missing == "error":
@@ -154,7 +137,7 @@ def geometry_problems(pairs: list[CasePair], tol: Tolerances = Tolerances()) -> 
 
 
 def _structure_entry(pred: np.ndarray, ref: np.ndarray, labels: tuple[int, ...], spacing, total: int) -> dict:
-    pm, rm = (pred > 0, ref > 0) if labels == (1, 2) else (pred == labels[0], ref == labels[0])
+    pm, rm = (liver_mask(pred), liver_mask(ref)) if labels == STRUCTURES["liver"] else (pred == labels[0], ref == labels[0])
     counts = overlap_counts(pm, rm, total=total)
     ml = float(np.prod(spacing)) / 1000.0
     return {**overlap_metrics(counts), **surface_metrics(pm, rm, spacing),
@@ -165,7 +148,7 @@ def _structure_entry(pred: np.ndarray, ref: np.ndarray, labels: tuple[int, ...],
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     """Every per-case metric of two (Z, Y, X) label maps (0/1/2) with ``spacing`` (mm)."""
     if pred.shape != ref.shape:
-        raise ValueError(f"label maps differ in shape: prediction {pred.shape}, reference {ref.shape}")
+        raise UsageError(f"label maps differ in shape: prediction {pred.shape}, reference {ref.shape}")
     spacing = tuple(float(s) for s in spacing)
     boxes = [b for b in (bounding_box(pred), bounding_box(ref)) if b is not None]  # nonzero = foreground
     if boxes:
@@ -174,7 +157,7 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     else:
         p = r = np.zeros((0,) * pred.ndim, dtype=np.uint8)
     entry = {name: _structure_entry(p, r, labels, spacing, total=int(pred.size)) for name, labels in STRUCTURES.items()}
-    entry["detection"] = detect_lesions(p == 2, r == 2).to_json()
+    entry["detection"] = detect_lesions(tumour_mask(p), tumour_mask(r)).to_json()
     entry["burden"] = {
         side: (entry["tumour"][f"volume_{side}_ml"] / entry["liver"][f"volume_{side}_ml"] if entry["liver"][f"volume_{side}_ml"] else 0.0)
         for side in ("ref", "pred")

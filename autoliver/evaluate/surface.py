@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from autoliver.core.geometry import check_spacing, mask_box
+
 SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # 6-connected (face) neighbours
 SURFACE_METRICS = ("assd_mm", "mssd_mm", "hd95_mm")
 
@@ -55,28 +57,14 @@ class SurfaceDistances:
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """The smallest box (slices) holding every True voxel of ``mask``, grown by ``margin`` voxels
-    and clipped to the array; None when the mask is empty."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(0, int(hits[0]) - margin), min(mask.shape[axis], int(hits[-1]) + 1 + margin)))
-    return tuple(box)
+    and clipped to the array; None when the mask is empty (``autoliver.core.geometry.mask_box``)."""
+    return mask_box(np.asarray(mask), margin)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
     """Surface voxels of a boolean mask (see the module docstring for the definition)."""
     mask = np.asarray(mask, dtype=bool)
     return mask & ~ndimage.binary_erosion(mask, structure=SURFACE_STRUCTURE, border_value=0)
-
-
-def _check_spacing(spacing, ndim: int) -> tuple[float, ...]:
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be {ndim} finite positive mm values (Z, Y, X), got {spacing}")
-    return spacing
 
 
 def _distances_to(target: np.ndarray, points: tuple[np.ndarray, ...], spacing: tuple[float, ...]) -> np.ndarray:
@@ -95,7 +83,7 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> SurfaceDist
     """Directed surface distances (mm) of two boolean masks; None when either is empty."""
     if pred.shape != ref.shape:
         raise ValueError(f"masks differ in shape: prediction {pred.shape}, reference {ref.shape}")
-    spacing = _check_spacing(spacing, pred.ndim)
+    spacing = check_spacing(spacing, pred.ndim)
     pred_box, ref_box = bounding_box(pred), bounding_box(ref)
     if pred_box is None or ref_box is None:
         return None

@@ -47,7 +47,7 @@ def phantom_geometry(shape, spacing) -> Geometry:
 
 def write_phantom_case(images_dir: Path, labels_dir: Path, case_id: str, shape, spacing, rng: np.random.Generator, **kwargs) -> None:
     """Write ``<case_id>_0000.nii.gz`` and ``<case_id>.nii.gz`` of one ``make_phantom`` phantom."""
-    from autoliver.phantom import make_phantom
+    from autoliver.examples.phantom import make_phantom
 
     image, label = make_phantom(tuple(shape), tuple(spacing), rng, **kwargs)
     geometry = phantom_geometry(image.shape, spacing)
@@ -67,7 +67,7 @@ def build_example_dataset(
     """Write ``root`` (a folder named DatasetNNN_Name) and return it.
 
     Real cases are copied byte for byte; phantom ``k`` is ``phantom_{k:03d}`` made with
-    ``autoliver.phantom.make_phantom`` from a generator seeded with (seed, k). The dataset is
+    ``autoliver.examples.phantom.make_phantom`` from a generator seeded with (seed, k). The dataset is
     built in a temporary sibling folder and renamed, so an interrupted build leaves nothing.
     """
     root = Path(root)

@@ -17,27 +17,29 @@ from pathlib import Path
 
 import torch
 
-from autoliver.errors import MissingArtefactError, StaleArtefactError
+from autoliver.core.artefacts import PostprocessStep
+from autoliver.core.errors import MissingArtefactError, StaleArtefactError, UsageError
+from autoliver.core.layout import INFERENCE_PLAN
 from autoliver.infer.predictor import Model, find_plans, load_model
+from autoliver.io.inference_plan import load_inference_plan
 from planning.plans import Plans
 
 log = logging.getLogger(__name__)
 
-INFERENCE_PLAN = "inference_plan.json"
 
 
 @dataclass(frozen=True)
 class Ensemble:
     models: tuple[Model, ...]
-    postprocessing: tuple[dict, ...] = ()  # enabled steps of inference_plan.json, in order
+    postprocessing: tuple[PostprocessStep, ...] = ()  # enabled steps of inference_plan.json, in order
     source: str = "arguments"  # where the choice came from: "arguments", "default" or the plan's path
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError("an ensemble needs at least one model")
+            raise UsageError("an ensemble needs at least one model")
         hashes = {m.plans.plans_hash for m in self.models}
         if len(hashes) > 1:
-            raise ValueError("the ensemble's models come from different plans")
+            raise UsageError("the ensemble's models come from different plans")
 
     @property
     def plans(self) -> Plans:
@@ -80,15 +82,12 @@ class Ensemble:
     def describe(self) -> dict:
         """The JSON record of what was used (for the case report)."""
         return {"configurations": list(self.configurations), "folds": self.folds, "source": self.source,
-                "postprocessing": [{"name": s["name"], "params": s.get("params", {})} for s in self.postprocessing],
+                "postprocessing": [{"name": s.name, "params": dict(s.params)} for s in self.postprocessing],
                 "arch": {m.configuration.name: m.arch for m in self.models}}
 
 
 def read_inference_plan(path: Path, plans: Plans, plans_path: Path):
-    """``inference_plan.json`` read and validated (``autoliver.selection.load_inference_plan``),
-    then checked against the plans the models come from."""
-    from autoliver.selection.plan_file import load_inference_plan
-
+    """``inference_plan.json`` read and validated, then checked against the plans the models come from."""
     plan = load_inference_plan(path)
     if plan.plans_hash != plans.plans_hash:
         raise StaleArtefactError(f"{path}: made for other plans than {plans_path} (plans_hash differs); "
@@ -109,9 +108,9 @@ def load_ensemble(model_dir: str | Path, configurations: Sequence[str] | str | N
         plans_path = find_plans(model_dir)
         plan = read_inference_plan(plan_path, Plans.load(plans_path), plans_path)
         models = tuple(load_model(model_dir, c, plan.folds.get(c) or None, device, precision) for c in plan.configurations)
-        steps = tuple(s for s in plan.postprocessing if s.get("enabled"))
+        steps = plan.enabled_steps
         log.info("%s: configurations %s, post-processing %s", plan_path, ", ".join(plan.configurations),
-                 ", ".join(s["name"] for s in steps) or "none")
+                 ", ".join(s.name for s in steps) or "none")
         return Ensemble(models, steps, str(plan_path))
     if not configurations:
         model = load_model(model_dir, None, folds, device, precision)

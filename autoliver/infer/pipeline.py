@@ -29,6 +29,7 @@ from autoliver.infer.predictor import Model, crop_box, model_probabilities, prep
 from autoliver.infer.roi import MARGIN_MM, Roi, find_roi
 from autoliver.infer.sliding_window import argmax_labels
 from autoliver.io.images import Geometry
+from autoliver.postprocess import apply_postprocessing
 from autoliver.preprocess.case import map_back, map_back_probabilities
 from autoliver.preprocess.resample import resample_probabilities
 
@@ -61,7 +62,6 @@ def with_precision(ensemble: Ensemble, precision: str) -> Ensemble:
 
 
 def _apply_postprocessing(ensemble: Ensemble, seg: np.ndarray, probs: torch.Tensor, image: np.ndarray, spacing) -> np.ndarray:
-    from autoliver.postprocess import apply_postprocessing  # written alongside; imported when used
 
     return apply_postprocessing(seg, tuple(spacing), list(ensemble.postprocessing), probabilities=probs.numpy(),
                                 image=np.asarray(image, dtype=np.float32))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from autoliver.core.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -45,7 +47,7 @@ def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
 def resolve_precision(precision: str, device: torch.device | str, flags: set[str] | None = None) -> str:
     """``auto`` -> the concrete precision for ``device`` (module docstring); others unchanged."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     kind = torch.device(device).type

@@ -24,21 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoliver.preprocess.normalise import air_pad_value
-from autoliver.errors import MissingArtefactError, StaleArtefactError
-from autoliver.io.images import Geometry
+from autoliver.core.device import select_device
+from autoliver.core.errors import CheckpointError, MissingArtefactError, StaleArtefactError, UsageError
+from autoliver.core.layout import CHECKPOINTS, FoldPaths, ModelPaths, fold_name, fold_of
 from autoliver.infer.precision import autocast_dtype
 from autoliver.infer.sliding_window import argmax_labels, tile_starts
+from autoliver.infer.volume import make_predictor, predict_volume
+from autoliver.io.checkpoint import load_checkpoint
+from autoliver.io.images import Geometry
 from autoliver.preprocess.case import iter_preprocessed
+from autoliver.preprocess.normalise import air_pad_value
 from autoliver.preprocess.resample import resample_probabilities
-from autoliver.train.checkpoint import load_checkpoint
-from autoliver.train.distributed import select_device
-from autoliver.train.validation import make_predictor, predict_volume
 from planning.plans import Configuration, Plans
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
 # default configuration when none is given (and no inference_plan.json): the first one trained
 DEFAULT_ORDER = ("3d_fullres", "3d_cascade_fullres", "2.5d", "2d", "3d_lowres")
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)) in a preprocessed grid
@@ -82,7 +82,7 @@ def find_plans(model_dir: Path) -> Path:
     """``<model_dir>/plans.json``, else ``<workspace>/preprocessed/<dataset>/plans.json`` for a
     model folder at ``<workspace>/results/<dataset>``."""
     model_dir = Path(model_dir)
-    candidates = [model_dir / "plans.json", model_dir.parent.parent / "preprocessed" / model_dir.name / "plans.json"]
+    candidates = ModelPaths(model_dir).plans_candidates()
     for path in candidates:
         if path.is_file():
             return path
@@ -91,28 +91,25 @@ def find_plans(model_dir: Path) -> Path:
 
 
 def _fold_checkpoint(fold_dir: Path) -> Path | None:
-    for i, name in enumerate(CHECKPOINTS):
-        path = fold_dir / name
+    for i, path in enumerate(FoldPaths(fold_dir).checkpoints()):
         if path.is_file():
             if i:
-                log.warning("%s: no %s; using %s (training did not finish)", fold_dir, CHECKPOINTS[0], name)
+                log.warning("%s: no %s; using %s (training did not finish)", fold_dir, CHECKPOINTS[0], path.name)
             return path
     return None
 
 
 def _fold_name(text: str | int) -> str:
-    text = str(text)
-    if text != "all" and not text.isdigit():
-        raise ValueError(f"fold must be a number or 'all', got {text!r}")
-    return text
+    return fold_of(fold_name(text))
 
 
 def _choose_configuration(model_dir: Path, plans: Plans, configuration: str | None) -> str:
     if configuration is not None:
         if configuration not in plans.configurations:
-            raise ValueError(f"configuration {configuration!r} not in the plans; planned: {', '.join(plans.configurations)}")
+            raise UsageError(f"configuration {configuration!r} not in the plans; planned: {', '.join(plans.configurations)}")
         return configuration
-    trained = [c for c in DEFAULT_ORDER if any((model_dir / c).glob("fold_*/checkpoint_*.pt"))]
+    paths = ModelPaths(model_dir)
+    trained = [c for c in DEFAULT_ORDER if any(_fold_checkpoint(f) is not None for f in paths.fold_dirs(c))]
     if not trained:
         raise MissingArtefactError(f"{model_dir}: no trained fold of {', '.join(DEFAULT_ORDER)}; "
                                    f"run `autoliver train -d {model_dir.name} 3d_fullres FOLD` first")
@@ -136,12 +133,13 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
     plans_path = find_plans(model_dir)
     plans = Plans.load(plans_path)
     name = _choose_configuration(model_dir, plans, configuration)
-    config_dir = model_dir / name
+    paths = ModelPaths(model_dir)
+    config_dir = paths.configuration(name)
     train_hint = f"run `autoliver train -d {model_dir.name} {name} FOLD`"
     if folds:
         wanted = [_fold_name(f) for f in folds]
     else:
-        present = [p.name[len("fold_"):] for p in config_dir.glob("fold_*") if _fold_checkpoint(p) is not None]
+        present = [fold_of(p.name) for p in paths.fold_dirs(name) if _fold_checkpoint(p) is not None]
         numbered = sorted((f for f in present if f.isdigit()), key=int)
         wanted = numbered or [f for f in present if f == "all"]  # cross-validation folds, else the fold trained on all cases
         if not wanted:
@@ -149,7 +147,7 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
     networks = []
     arch = None
     for fold in wanted:
-        fold_dir = config_dir / f"fold_{fold}"
+        fold_dir = paths.fold(name, fold).root
         path = _fold_checkpoint(fold_dir)
         if path is None:
             raise MissingArtefactError(f"{fold_dir}: no checkpoint; {train_hint.replace('FOLD', fold)} first")
@@ -160,7 +158,12 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
         arch = net_info.get("arch", "unet")
         n_classes = int(net_info.get("n_classes", 3))
         network = build_network(arch, net_spec(plans.configurations[name], n_classes))
-        network.load_state_dict(state["weights"])
+        try:
+            network.load_state_dict(state["weights"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: its weights do not fit the {arch} network that {plans_path} describes ({first}); "
+                                  "predict with the plans it was trained with, or retrain the fold") from None
         network.deep_supervision = False
         network.eval().to(device)
         networks.append(FoldNetwork(fold, path, int(state["epoch"]), network))
@@ -169,8 +172,7 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
     pad_value = air_pad_value(plans.normalisation)
     previous = None
     if config.previous_stage:
-        prev_dir = model_dir / config.previous_stage
-        have_all = all(_fold_checkpoint(prev_dir / f"fold_{f}") is not None for f in wanted)
+        have_all = all(_fold_checkpoint(paths.fold(config.previous_stage, f).root) is not None for f in wanted)
         previous = load_model(model_dir, config.previous_stage, wanted if have_all else None, device, precision)
     return Model(model_dir, plans, config, tuple(networks), arch or "unet", n_classes, device, pad_value,
                  autocast_dtype(precision, device), previous)
@@ -254,7 +256,7 @@ def previous_stage_labels(model: Model, prepared: dict[str, tuple[np.ndarray, di
     (probabilities, linearly) to this model's grid, as uint8 labels (Z, Y, X)."""
     prev = model.previous
     if prev is None:
-        raise ValueError(f"{model.configuration.name} has no previous stage")
+        raise UsageError(f"{model.configuration.name} has no previous stage")
     probs = model_probabilities(prev, prepared, None, tta, step).numpy()
     shape = prepared[model.configuration.data_identifier][0].shape
     if tuple(probs.shape[1:]) != tuple(shape):

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from autoliver.infer.predictor import Box, Model
 from autoliver.infer.sliding_window import _pad_to, argmax_labels, predict_slicewise, tile_starts
-from autoliver.train.validation import make_predictor
+from autoliver.infer.volume import make_predictor
 
 log = logging.getLogger(__name__)
 

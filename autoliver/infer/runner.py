@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoliver import __version__
+from autoliver.evaluate.case_report import case_report
 from autoliver.infer.ensemble import Ensemble
 from autoliver.infer.pipeline import ROI_DEFAULT, as_ensemble, predict_case
 from autoliver.infer.predictor import Model, preprocess_for
@@ -34,8 +35,7 @@ from autoliver.infer.roi import MARGIN_MM
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.io.images import write_image
 from autoliver.io.inputs import InputCase, discover_inputs, select_shard
-from autoliver.report.case_report import case_report
-from autoliver.validate import read_checked_image
+from autoliver.io.validate import read_checked_image
 
 log = logging.getLogger(__name__)
 

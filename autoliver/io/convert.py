@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError, UsageError
+from autoliver.core.layout import DATASET_NAME_RE
 from autoliver.io.atomic import atomic_dir, write_json
 from autoliver.io.images import check_nifti_complete, read_header, read_sitk
-from autoliver.workspace import DATASET_NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ _Job = tuple[str, Path, str]
 
 def _check_dst(dst: Path, overwrite: bool) -> None:
     if not DATASET_NAME_RE.match(dst.name):
-        raise ValueError(
+        raise UsageError(
             f"{dst}: the output folder must be named DatasetNNN_Name (three digits, then letters, "
             f"digits, '_' or '-'), e.g. Dataset003_Liver; got {dst.name!r}"
         )

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoliver.errors import DatasetError
+from autoliver.core.errors import DatasetError
 
 DATASET_JSON = "dataset.json"
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

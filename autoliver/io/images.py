@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from autoliver.errors import ImageReadError
+from autoliver.core.errors import ImageReadError
 from autoliver.io.atomic import atomic_path
 from autoliver.io.nifti_raw import check_nifti_complete
 

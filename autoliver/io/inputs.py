@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoliver.core.errors import UsageError
 from autoliver.io.dataset import CHANNEL_RE
 from autoliver.io.images import image_suffix, is_dicom_folder
 
@@ -31,7 +32,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'I/N' -> (I, N) with 0 <= I < N."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
     if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
-        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        raise UsageError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
     return int(m[1]), int(m[2])
 
 
@@ -49,7 +50,7 @@ def discover_inputs(source: str | Path) -> list[InputCase]:
         raise FileNotFoundError(f"{source}: input not found; give an image file, a folder of images or DICOM series folders")
     if source.is_file():
         if image_suffix(source) is None:
-            raise ValueError(f"{source}: not a recognised image (NIfTI, NRRD, MHA/MHD); give a folder for DICOM")
+            raise UsageError(f"{source}: not a recognised image (NIfTI, NRRD, MHA/MHD); give a folder for DICOM")
         return [InputCase(_case_id(source)[0], source)]
     cases: dict[str, Path] = {}
     for child in sorted(source.iterdir()):
@@ -65,14 +66,14 @@ def discover_inputs(source: str | Path) -> list[InputCase]:
         else:
             continue
         if case in cases:
-            raise ValueError(f"{source}: case {case!r} given twice ({cases[case].name} and {child.name}); keep one")
+            raise UsageError(f"{source}: case {case!r} given twice ({cases[case].name} and {child.name}); keep one")
         cases[case] = child
     if not cases and is_dicom_folder(source):  # the folder is one DICOM series
         return [InputCase(source.name, source)]
     if cases and any(c.is_file() and not image_suffix(c) for c in source.iterdir()) and is_dicom_folder(source):
         log.warning("%s: DICOM files next to the cases' files/folders are ignored; put each series in its own folder", source)
     if not cases:
-        raise ValueError(f"{source}: no images (NIfTI, NRRD, MHA/MHD) and no DICOM series folders found")
+        raise UsageError(f"{source}: no images (NIfTI, NRRD, MHA/MHD) and no DICOM series folders found")
     return [InputCase(c, p) for c, p in sorted(cases.items())]
 
 

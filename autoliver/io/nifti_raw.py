@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoliver.errors import ImageReadError
+from autoliver.core.errors import ImageReadError
 
 
 def _suffix(path: Path) -> str | None:

@@ -30,15 +30,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
+from autoliver.core.geometry import check_spacing
+
 GRID_SAMPLING = 0.5  # grid sample spacing in units of sigma (spatial and intensity)
 TRUNCATE = 3.0  # Gaussian blurs are cut at this many sigmas
 _TENT_VAR = 1.0 / 6.0  # variance of linear interpolation / linear splat, in cell units^2
 
 
 def _check_spacing_sigma(shape: tuple[int, ...], spacing, sigma_mm: float) -> tuple[float, float, float]:
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive mm values (z, y, x), got {spacing}")
+    spacing = check_spacing(spacing)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"volume must be (Z, Y, X) with at least one voxel, got shape {shape}")
     if not (math.isfinite(sigma_mm) and sigma_mm > 0):

@@ -22,23 +22,23 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoliver.core.geometry import check_spacing, grow_box
+from autoliver.core.labels import LIVER, TUMOUR, liver_mask
 from planning.crop import bbox_of
 
-LIVER, TUMOUR = 1, 2
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def _check(seg: np.ndarray, spacing: Sequence[float] | None = None) -> None:
     if seg.ndim != 3:
         raise ValueError(f"expected a (Z, Y, X) label map, got shape {seg.shape}")
-    if spacing is not None and (len(spacing) != 3 or not all(float(s) > 0 for s in spacing)):
-        raise ValueError(f"spacing must be three positive numbers (z, y, x) in mm, got {tuple(spacing)}")
+    if spacing is not None:
+        check_spacing(spacing)
 
 
 def _box_slices(box, pad: Sequence[int] = (0, 0, 0), shape: Sequence[int] | None = None) -> tuple[slice, ...]:
-    if shape is None:
-        return tuple(slice(lo, hi) for lo, hi in box)
-    return tuple(slice(max(0, lo - p), min(n, hi + p)) for (lo, hi), p, n in zip(box, pad, shape))
+    slices = tuple(slice(lo, hi) for lo, hi in box)
+    return slices if shape is None else grow_box(slices, pad, shape)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ def largest_liver_component(seg: np.ndarray, then_liver: bool = False) -> np.nda
     """Keep the largest liver (1 + 2) component; optionally then the largest label-1 component."""
     _check(seg)
     out = np.array(seg, dtype=np.uint8, copy=True)
-    keep = largest_component(out > 0)
+    keep = largest_component(liver_mask(out))
     out[~keep] = 0
     if then_liver:
         liver = out == LIVER

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from autoliver.core.geometry import check_spacing, mask_box_mm
 from autoliver.postprocess.bilateral import build_grid, gaussian_filter_mm, grid_filter
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,7 @@ def liver_box(probabilities: np.ndarray, spacing, margin_mm: float) -> tuple[sli
     """Bounding box (slices) of argmax >= 1 over (C, Z, Y, X) ``probabilities``, grown by
     ``margin_mm`` and clipped to the volume; None when no voxel is foreground."""
     fg = probabilities[1:].max(axis=0) > probabilities[0]  # argmax >= 1 without an int64 map
-    box = []
-    for axis, (n, s) in enumerate(zip(fg.shape, spacing)):
-        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        grow = int(math.ceil(margin_mm / s))
-        box.append(slice(max(0, int(hit[0]) - grow), min(n, int(hit[-1]) + 1 + grow)))
-    return tuple(box)
+    return mask_box_mm(fg, spacing, margin_mm)  # type: ignore[return-value]
 
 
 def _softmax_(logits: np.ndarray) -> np.ndarray:
@@ -137,9 +131,7 @@ def dense_crf(
         raise ValueError(f"probabilities must be (C, Z, Y, X) with C >= 2, got shape {probabilities.shape}")
     if image.shape != probabilities.shape[1:]:
         raise ValueError(f"image shape {image.shape} does not match probabilities' spatial shape {probabilities.shape[1:]}")
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive mm values (z, y, x), got {spacing}")
+    spacing = check_spacing(spacing)
     if int(n_iterations) != n_iterations or n_iterations < 0:
         raise ValueError(f"n_iterations must be a non-negative integer, got {n_iterations}")
     params = dict(

@@ -19,12 +19,11 @@ import time
 import zlib
 from pathlib import Path
 
-
+from autoliver.core.parallel import parallel_map
 from autoliver.io.atomic import write_json
 from autoliver.io.dataset import Case, RawDataset
 from autoliver.io.images import read_image
 from autoliver.preprocess.case import iter_preprocessed
-from autoliver.parallel import parallel_map
 from autoliver.preprocess.storage import case_done, list_cases, load_properties, save_case
 from planning.plans import Plans
 

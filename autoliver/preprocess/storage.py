@@ -41,7 +41,7 @@ from pathlib import Path
 import blosc2
 import numpy as np
 
-from autoliver.errors import MissingArtefactError
+from autoliver.core.errors import MissingArtefactError
 from autoliver.io.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from autoliver import __version__
-from autoliver.errors import MissingArtefactError
+from autoliver.core.artefacts import FoldMetrics
+from autoliver.core.errors import MissingArtefactError, UsageError
+from autoliver.core.labels import STRUCTURE_NAMES
+from autoliver.core.layout import FoldPaths, ModelPaths, fold_of
+from autoliver.core.parallel import parallel_map
+from autoliver.evaluate.case_report import case_report
 from autoliver.io.dataset import open_dataset
 from autoliver.io.images import Geometry, image_suffix, read_image
-from autoliver.parallel import parallel_map
+from autoliver.io.inference_plan import load_inference_plan
+from autoliver.io.jsonfile import read_json
 from autoliver.report import charts
-from autoliver.report.case_report import case_report
 from autoliver.report.overlays import View, case_views
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ class Tumour:
 
 @dataclass(frozen=True)
 class CaseSummary:
-    """The measurements of one label map (see ``autoliver.report.case_report``)."""
+    """The measurements of one label map (see ``autoliver.evaluate.case_report``)."""
 
     liver_volume_ml: float
     tumour_volume_ml: float
@@ -100,7 +105,7 @@ class ReportData:
 
 def _check_size(max_px: int) -> None:
     if not 16 <= max_px <= 4096:
-        raise ValueError(f"image size must be 16..4096 pixels, got {max_px}")
+        raise UsageError(f"image size must be 16..4096 pixels, got {max_px}")
 
 
 def _images_by_case(folder: str | Path) -> dict[str, Path]:
@@ -120,7 +125,7 @@ def _labels_by_case(folder: str | Path | None) -> dict[str, Path]:
 def _read_label(path: Path, geometry: Geometry, what: str) -> np.ndarray:
     seg, geom = read_image(path)
     if tuple(geom.shape) != tuple(geometry.shape):
-        raise ValueError(f"{path}: {what} has shape {geom.shape} but the CT image has {geometry.shape}; "
+        raise UsageError(f"{path}: {what} has shape {geom.shape} but the CT image has {geometry.shape}; "
                          "pair each label map with the image it was made from")
     return seg.astype(np.uint8, copy=False)
 
@@ -185,36 +190,36 @@ def _values(per_case: Mapping[str, Mapping], structure: str, metric: str) -> lis
 def _cv_scores(model_dir: Path) -> dict[str, dict[str, list[float]]]:
     """Cross-validation Dice per configuration: fold_*/metrics.json of every configuration."""
     out: dict[str, dict[str, list[float]]] = {}
-    for metrics_path in sorted(model_dir.glob("*/fold_*/metrics.json")):
-        if metrics_path.parent.name == "fold_all":  # trained on every case: not a held-out score
+    for fold_dir in ModelPaths(model_dir).fold_dirs():
+        fold = FoldPaths(fold_dir)
+        if fold_of(fold_dir.name) == "all" or not fold.metrics.is_file():  # trained on every case: not a held-out score
             continue
-        per_case = json.loads(metrics_path.read_text(encoding="utf-8")).get("per_case", {})
-        scores = out.setdefault(f"CV {metrics_path.parent.parent.name}", {"liver": [], "tumour": []})
-        for structure in ("liver", "tumour"):
-            scores[structure] += [v[structure] for v in per_case.values() if v.get(structure) is not None]
+        metrics = FoldMetrics.from_json(read_json(fold.metrics, MissingArtefactError), str(fold.metrics))
+        scores = out.setdefault(f"CV {fold.configuration_dir.name}", {"liver": [], "tumour": []})
+        for structure in STRUCTURE_NAMES:
+            scores[structure] += [v[structure] for v in metrics.per_case.values() if v.get(structure) is not None]
     return out
 
 
 def _model_facts(model_dir: Path, cv: Mapping[str, Mapping[str, list[float]]]) -> tuple[tuple[str, str], ...]:
     facts = [("Model folder", str(model_dir))]
-    splits = model_dir / "splits.json"
-    if splits.is_file():
-        folds = json.loads(splits.read_text(encoding="utf-8"))
-        if folds:
+    paths = ModelPaths(model_dir)
+    if paths.splits.is_file():
+        folds = read_json(paths.splits, MissingArtefactError)
+        if isinstance(folds, list) and folds and isinstance(folds[0], Mapping):
             n = len(set(folds[0].get("train", [])) | set(folds[0].get("val", [])))
             facts.append(("Training cases", f"{n} cases"))
-    plan_path = model_dir / "inference_plan.json"
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        facts.append(("Configuration(s) used", " + ".join(plan.get("configurations", []))))
-        steps = [s["name"] for s in plan.get("postprocessing", []) if s.get("enabled")]
+    if paths.inference_plan.is_file():
+        plan = load_inference_plan(paths.inference_plan)
+        facts.append(("Configuration(s) used", " + ".join(plan.configurations)))
+        steps = [s.name for s in plan.enabled_steps]
         facts.append(("Post-processing", ", ".join(steps) if steps else "none"))
-        ranking = plan.get("evidence", {}).get("ranking") or []
+        ranking = plan.evidence.get("ranking") or []
         if ranking:
             best = ranking[0]
             facts.append(("Cross-validated Dice of the chosen model",
                           f"liver {best.get('liver', float('nan')):.3f}, tumour {best.get('tumour', float('nan')):.3f} "
-                          f"(over {plan.get('evidence', {}).get('n_cases', '?')} cases)"))
+                          f"(over {plan.evidence.get('n_cases', '?')} cases)"))
     for name, scores in cv.items():
         if scores["liver"]:
             facts.append((f"{name}: mean Dice", f"liver {np.mean(scores['liver']):.3f}, tumour {np.mean(scores['tumour']):.3f} "

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from autoliver.core.layout import FoldPaths, ModelPaths, fold_of
 from autoliver.report.overlays import LIVER_RGB, TUMOUR_RGB
 from autoliver.train.progress import plot_progress, read_log
 
@@ -108,15 +109,14 @@ def training_curves(model_dir: str | Path) -> list[tuple[str, bytes]]:
     (``results/<dataset>``): its progress.png, else one drawn from its log.jsonl."""
     root = Path(model_dir)
     out = []
-    for fold_dir in sorted(root.glob("*/fold_*")):
-        if not fold_dir.is_dir():
-            continue
-        title = f"{fold_dir.parent.name} {fold_dir.name.replace('_', ' ')}"
-        png = fold_dir / "progress.png"
+    for fold_dir in ModelPaths(root).fold_dirs():
+        fold = FoldPaths(fold_dir)
+        title = f"{fold.configuration_dir.name} fold {fold_of(fold_dir.name)}"
+        png = fold.progress
         if png.is_file() and png.read_bytes()[:8] == PNG_MAGIC:
             out.append((title, png.read_bytes()))
             continue
-        history = read_log(fold_dir / "log.jsonl")
+        history = read_log(fold.log)
         if not history:
             continue
         with tempfile.TemporaryDirectory() as tmp:

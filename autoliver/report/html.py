@@ -11,9 +11,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from autoliver.evaluate.case_report import LARGE_MM, SMALL_MM
 from autoliver.io.atomic import write_bytes
 from autoliver.report.build import CaseEntry, CaseSummary, Chart, ReportData
-from autoliver.report.case_report import LARGE_MM, SMALL_MM
 from autoliver.report.overlays import LIVER_RGB, TUMOUR_RGB, WINDOW_LEVEL_HU, WINDOW_WIDTH_HU, View
 
 MAX_TUMOURS_LISTED = 20

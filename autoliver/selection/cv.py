@@ -10,7 +10,6 @@ resampled to it. ``3d_cascade_fullres`` stands for the cascade, so it also needs
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from autoliver.errors import MissingArtefactError, PlanError, StaleArtefactError
+from autoliver.core.errors import MissingArtefactError, PlanError, SplitsError, StaleArtefactError, UsageError
+from autoliver.core.layout import METRICS, DatasetPaths, ModelPaths
+from autoliver.io.jsonfile import read_json
+from autoliver.io.plans_file import load_plans
 from autoliver.preprocess.storage import load_case
+from autoliver.train.splits import validate_splits
 from planning.plans import CONFIGURATION_NAMES, Plans
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ class CVSource:
         for k, fold in enumerate(self.splits):
             if case in fold["val"]:
                 return k
-        raise ValueError(f"case {case!r} is in no validation set of {self.results_dir / 'splits.json'}")
+        raise UsageError(f"case {case!r} is in no validation set of {self.results_dir / 'splits.json'}")
 
 
 def _train_cmd(dataset: str, config: str, fold: int | str) -> str:
@@ -66,25 +69,27 @@ def fold_problems(results_dir: Path, dataset: str, config: str, splits: Sequence
     """What is missing or stale in ``config``'s folds, one message per fold (empty: complete)."""
     problems, untrained = [], []
     for k, fold in enumerate(splits):
-        fold_dir = results_dir / config / f"fold_{k}"
-        metrics_path = fold_dir / "metrics.json"
+        fold_paths = ModelPaths(results_dir).fold(config, k)
+        fold_dir, metrics_path = fold_paths.root, fold_paths.metrics
         if not metrics_path.is_file():
             untrained.append(k)
             continue
         try:
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            problems.append(f"{config} fold {k}: {metrics_path} is not valid JSON; run `autoliver train -d {dataset} {config} {k} --continue`")
+            metrics = read_json(metrics_path, PlanError)
+            if not isinstance(metrics, dict):
+                raise PlanError(f"{metrics_path}: not a JSON object")
+        except PlanError:
+            problems.append(f"{config} fold {k}: {metrics_path} is not a valid metrics file; run `autoliver train -d {dataset} {config} {k} --continue`")
             continue
         if metrics.get("plans_hash") not in (None, plans_hash):
             problems.append(f"{config} fold {k}: {fold_dir} was trained with another plans.json; delete it and run {_train_cmd(dataset, config, k)}")
             continue
-        missing = [c for c in fold["val"] if not (fold_dir / "validation" / f"{c}.npz").is_file()]
+        missing = [c for c in fold["val"] if not fold_paths.validation_case(c, ".npz").is_file()]
         if missing:
-            problems.append(f"{config} fold {k}: {len(missing)} validation probabilities missing in {fold_dir / 'validation'} "
+            problems.append(f"{config} fold {k}: {len(missing)} validation probabilities missing in {fold_paths.validation} "
                             f"({', '.join(missing[:3])}); delete that folder and run `autoliver train -d {dataset} {config} {k} --continue`")
     if untrained:
-        where = results_dir / config / "fold_K" / "metrics.json"
+        where = ModelPaths(results_dir).configuration(config) / "fold_K" / METRICS
         problems.insert(0, f"{config} fold{'s' if len(untrained) > 1 else ''} {', '.join(map(str, untrained))} not trained (no {where}); run "
                            + ", ".join(_train_cmd(dataset, config, k) for k in untrained))
     return problems
@@ -98,19 +103,17 @@ def discover(preprocessed_dir: str | Path, results_dir: str | Path, configuratio
     """
     preprocessed_dir, results_dir = Path(preprocessed_dir), Path(results_dir)
     dataset = results_dir.name
-    plans_path = preprocessed_dir / "plans.json"
-    if not plans_path.is_file():
-        raise MissingArtefactError(f"{plans_path}: not found; run `autoliver plan_and_preprocess {dataset}` first")
-    plans = Plans.load(plans_path)
-    splits_path = results_dir / "splits.json"
+    paths = DatasetPaths(dataset, preprocessed_dir, results_dir)
+    plans, plans_path = load_plans(paths), paths.plans
+    splits_path = ModelPaths(results_dir).splits
     if not splits_path.is_file():
         raise MissingArtefactError(f"{splits_path}: not found, so nothing is trained yet; run {_train_cmd(dataset, '3d_fullres', 'FOLD')} for folds 0..4")
-    splits = tuple(json.loads(splits_path.read_text(encoding="utf-8")))
+    splits = tuple(validate_splits(read_json(splits_path, SplitsError), None, str(splits_path)))
     explicit = configurations is not None and len(configurations) > 0
     if explicit:
         unknown = [c for c in configurations if c not in CONFIGURATION_NAMES]
         if unknown:
-            raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGURATION_NAMES)}")
+            raise UsageError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGURATION_NAMES)}")
         not_planned = [c for c in configurations if c not in plans.configurations]
         if not_planned:
             raise PlanError(f"configuration(s) {', '.join(not_planned)} not in {plans_path}; planned: {', '.join(plans.configurations)}")
@@ -161,7 +164,7 @@ def load_probabilities(source: CVSource, config: str, case: str, shape: Sequence
     """``config``'s cross-validation softmax of ``case`` (float32 (C, Z, Y, X)) in the scoring grid."""
     from autoliver.preprocess.resample import resample_probabilities
 
-    path = source.results_dir / config / f"fold_{source.holding_fold(case)}" / "validation" / f"{case}.npz"
+    path = ModelPaths(source.results_dir).fold(config, source.holding_fold(case)).validation_case(case, ".npz")
     with np.load(path) as z:
         probs = z["probabilities"].astype(np.float32)
     if tuple(probs.shape[1:]) == tuple(shape):

@@ -22,10 +22,11 @@ import blosc2
 import numpy as np
 from tqdm import tqdm
 
-from autoliver.postprocess.apply import CRF_STEP, apply_label_step, crf_module, crf_refine
+from autoliver.core.artefacts import CRF_STEP, PostprocessStep
+from autoliver.evaluate.overlap import case_dice
+from autoliver.postprocess.apply import apply_label_step, crf_module, crf_refine
 from autoliver.selection.cv import CVSource, load_image, load_reference
 from autoliver.selection.ensemble import candidate_probabilities, mean_dice, score
-from autoliver.train.validation import case_dice
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,16 @@ def choose_variant(before: Mapping[str, float], variants: Sequence[Mapping]) -> 
     return best, bool(passing)
 
 
-def _step_record(name: str, before: Mapping[str, float], variants: list[dict], seconds: list[float]) -> tuple[dict, int, bool]:
+def _step_record(name: str, before: Mapping[str, float], variants: list[dict], seconds: list[float]) -> tuple[PostprocessStep, int, bool]:
     index, enabled = choose_variant(before, variants)
     chosen = variants[index]
-    record = {
-        "name": name,
-        "enabled": enabled,
-        "params": dict(chosen["params"]),
-        "cv": {
+    record = PostprocessStep(name, enabled, dict(chosen["params"]), {"cv": {
             "before": {k: float(before[k]) for k in ("liver", "tumour")},
             "after": {k: float(chosen[k]) for k in ("liver", "tumour")},
             "variants": [{"params": dict(v["params"]), "liver": v["liver"], "tumour": v["tumour"]} for v in variants],
             "seconds_per_case": float(seconds[index]),
         },
-    }
+    })
     log.info("%s %s %s: liver %.4f -> %.4f, tumour %.4f -> %.4f", name, "enabled" if enabled else "not kept", chosen["params"],
              before["liver"], chosen["liver"], before["tumour"], chosen["tumour"])
     return record, index, enabled
@@ -81,7 +78,7 @@ def _step_record(name: str, before: Mapping[str, float], variants: list[dict], s
 
 def decide_postprocessing(source: CVSource, members: Sequence[str], crf_grid: Sequence[Mapping] | None = None,
                           label_grids: Mapping[str, Sequence[Mapping]] = LABEL_GRIDS, progress: bool = True,
-                          clock: Callable[[], float] = time.perf_counter) -> tuple[list[dict], dict[str, float]]:
+                          clock: Callable[[], float] = time.perf_counter) -> tuple[list[PostprocessStep], dict[str, float]]:
     """(the "postprocessing" list of inference_plan.json, mean Dice of the raw predictions).
 
     ``crf_grid`` None: the crf module's ``CRF_PARAM_GRID`` when the module exists, else the
@@ -123,8 +120,8 @@ def decide_postprocessing(source: CVSource, members: Sequence[str], crf_grid: Se
         if enabled:
             current, before = crf_out[index], {k: variants[index][k] for k in ("liver", "tumour")}
     else:
-        steps.append({"name": CRF_STEP, "enabled": False, "params": {}, "cv": None,
-                      "note": "not evaluated: autoliver.postprocess.crf is not available" if module is None else "not evaluated (no CRF parameter set given, e.g. --no-crf)"})
+        steps.append(PostprocessStep(CRF_STEP, False, {}, {"cv": None,
+                     "note": "not evaluated: autoliver.postprocess.crf is not available" if module is None else "not evaluated (no CRF parameter set given, e.g. --no-crf)"}))
     del crf_out
     for name, grid in label_grids.items():
         outputs: list[dict[str, bytes]] = []

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from autoliver.evaluate.overlap import case_dice
 from autoliver.selection.cv import CVSource, load_probabilities, load_reference
-from autoliver.train.validation import case_dice
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoliver.core.artefacts import InferencePlan, PostprocessStep
+from autoliver.io.inference_plan import inference_plan_path, write_inference_plan
 from autoliver.selection.cv import CVSource, discover
 from autoliver.selection.decide import DECISION_RULE, decide_postprocessing
 from autoliver.selection.ensemble import SCORE_RULE, TIE_TOLERANCE, candidate_sets, choose, rank, ranking_table, score_candidates
-from autoliver.selection.plan_file import InferencePlan, inference_plan_path, write_inference_plan
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,18 @@ class SelectionResult:
         return ranking_table(self.ranking, self.chosen)
 
 
-def postprocessing_table(steps: Sequence[Mapping]) -> str:
+def postprocessing_table(steps: Sequence[PostprocessStep]) -> str:
     """One line per post-processing step: decision, parameters, CV Dice before -> after."""
     lines = []
     for s in steps:
-        cv = s.get("cv")
-        params = ", ".join(f"{k}={v}" for k, v in (s.get("params") or {}).items()) or "-"
+        cv = s.evidence.get("cv")
+        params = ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-"
         if not cv:
-            lines.append(f"  {s['name']:<24} {'n/a':<4} {s.get('note', '')}")
+            lines.append(f"  {s.name:<24} {'n/a':<4} {s.evidence.get('note', '')}")
             continue
         b, a = cv["before"], cv["after"]
         change = ", ".join(f"{n} {b[n]:.4f} -> {a[n]:.4f} ({a[n] - b[n]:+.5f})" for n in ("liver", "tumour"))
-        lines.append(f"  {s['name']:<24} {'on' if s['enabled'] else 'off':<4} {change}  [{params}; {cv.get('seconds_per_case', 0.0):.3f} s/case]")
+        lines.append(f"  {s.name:<24} {'on' if s.enabled else 'off':<4} {change}  [{params}; {cv.get('seconds_per_case', 0.0):.3f} s/case]")
     return "\n".join(lines)
 
 

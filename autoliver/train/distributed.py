@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from autoliver.errors import AutoliverError
-
 log = logging.getLogger(__name__)
 
 
@@ -108,13 +106,3 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def select_device(choice: str, ctx: DistContext = SINGLE) -> torch.device:
-    """'auto' (CUDA when present), 'cpu' or 'cuda'; under DDP each process takes the GPU of its
-    local rank."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {choice!r}")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise AutoliverError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")

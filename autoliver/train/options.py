@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from autoliver.core.errors import UsageError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -40,21 +42,21 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if self.iters_per_epoch < 1:
-            raise ValueError(f"--iters-per-epoch must be >= 1, got {self.iters_per_epoch}")
+            raise UsageError(f"--iters-per-epoch must be >= 1, got {self.iters_per_epoch}")
         if self.val_iters < 0:
-            raise ValueError(f"val_iters must be >= 0, got {self.val_iters}")
+            raise UsageError(f"val_iters must be >= 0, got {self.val_iters}")
         if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
-            raise ValueError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+            raise UsageError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         if self.n_workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.n_workers}")
+            raise UsageError(f"--workers must be >= 0, got {self.n_workers}")
         if not 0 < self.val_step <= 1:
-            raise ValueError(f"val_step must be in (0, 1], got {self.val_step}")
+            raise UsageError(f"val_step must be in (0, 1], got {self.val_step}")
         if not 0 <= self.oversample_foreground <= 1:
-            raise ValueError(f"oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
+            raise UsageError(f"oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
 
     def to_json(self) -> dict:
         d = asdict(self)

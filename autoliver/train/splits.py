@@ -10,14 +10,15 @@ differ, the run stops rather than mixing two sets of folds in one results folder
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from autoliver.errors import SplitsError
+from autoliver.core.errors import AutoliverError, SplitsError, UsageError
+from autoliver.core.layout import ModelPaths, plain_name
 from autoliver.io.atomic import write_json
+from autoliver.io.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,26 @@ def make_splits(case_ids: list[str], n_folds: int = N_FOLDS, seed: int = SPLITS_
     return folds
 
 
-def validate_splits(splits, case_ids: list[str], source: str) -> list[dict[str, list[str]]]:
-    """Check the structure and ids of a splits list; return it normalised (sorted lists)."""
+def validate_splits(splits, case_ids: list[str] | None, source: str) -> list[dict[str, list[str]]]:
+    """Check the structure and ids of a splits list (ids plain names, and among ``case_ids``
+    when given); return it normalised (sorted lists)."""
     fix = "fix the file or delete it to get the default 5 folds"
     if not isinstance(splits, list) or not splits:
         raise SplitsError(f"{source}: expected a non-empty JSON list of {{\"train\": [...], \"val\": [...]}} objects; {fix}")
-    known = set(case_ids)
+    known = None if case_ids is None else set(case_ids)
     out = []
     for k, fold in enumerate(splits):
         if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val"), list):
             raise SplitsError(f"{source}: fold {k} is not an object with lists \"train\" and \"val\"; {fix}")
-        train, val = [str(c) for c in fold["train"]], [str(c) for c in fold["val"]]
-        unknown = sorted((set(train) | set(val)) - known)
+        if not all(isinstance(c, str) for c in fold["train"] + fold["val"]):
+            raise SplitsError(f"{source}: fold {k}: case ids must be strings; {fix}")
+        train, val = list(fold["train"]), list(fold["val"])
+        for c in train + val:
+            try:
+                plain_name(c, "case id")
+            except AutoliverError as exc:
+                raise SplitsError(f"{source}: fold {k}: {exc}") from None
+        unknown = [] if known is None else sorted((set(train) | set(val)) - known)
         if unknown:
             raise SplitsError(f"{source}: fold {k} names case(s) not in the preprocessed data: {', '.join(unknown[:10])}; {fix}")
         both = sorted(set(train) & set(val))
@@ -63,17 +72,12 @@ def validate_splits(splits, case_ids: list[str], source: str) -> list[dict[str, 
 
 
 def _read(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SplitsError(f"{path}: splits file not found") from None
-    except json.JSONDecodeError as exc:
-        raise SplitsError(f"{path}: not valid JSON ({exc}); fix it or delete it to get the default 5 folds") from None
+    return read_json(path, SplitsError, "fix it or delete it to get the default 5 folds")
 
 
 def load_or_create_splits(results_dir: Path, case_ids: list[str], custom: Path | None = None) -> tuple[list[dict[str, list[str]]], Path]:
     """The dataset's splits (created or copied from ``custom`` on first use) and their path."""
-    path = Path(results_dir) / "splits.json"
+    path = ModelPaths(Path(results_dir)).splits
     wanted = validate_splits(_read(Path(custom)), case_ids, str(custom)) if custom is not None else None
     if path.is_file():
         existing = validate_splits(_read(path), case_ids, str(path))
@@ -92,7 +96,7 @@ def fold_cases(splits: list[dict[str, list[str]]], fold: int | str, case_ids: li
         ids = sorted(case_ids)
         return ids, ids
     if not isinstance(fold, int) or not 0 <= fold < len(splits):
-        raise ValueError(f"fold must be 0..{len(splits) - 1} or 'all', got {fold!r}")
+        raise UsageError(f"fold must be 0..{len(splits) - 1} or 'all', got {fold!r}")
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 

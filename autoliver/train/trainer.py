@@ -22,8 +22,8 @@ checkpoint was trained for extends training (the poly schedule then runs over th
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,23 +33,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from autoliver.errors import AutoliverError, StaleArtefactError
+from autoliver.core.device import select_device
+from autoliver.core.errors import AutoliverError, StaleArtefactError
+from autoliver.core.layout import FoldPaths, ModelPaths
+from autoliver.infer.sliding_window import tile_starts
+from autoliver.io.atomic import write_bytes, write_json
+from autoliver.io.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autoliver.preprocess.storage import load_properties
 from autoliver.train import distributed as D
-from autoliver.train.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from autoliver.train.loss import DeepSupervisionLoss, confusion_counts
 from autoliver.train.options import TrainOptions
 from autoliver.train.progress import append_log, plot_progress, rewrite_log
 from autoliver.train.schedule import BudgetPlan, poly_lr
 from autoliver.train.validation import summarise, validate_cases
-from autoliver.infer.sliding_window import tile_starts
-from autoliver.io.atomic import write_bytes, write_json
-from autoliver.preprocess.storage import load_properties
 from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
 
 EMA_DECAY = 0.9
-LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 BUDGET_PROBE_ITERS = (2, 7)  # iterations timed in the first epoch to fit a budget
 
 
@@ -85,6 +86,11 @@ class FoldSetup:
     prev_stage_folder: Path | None = None
     next_stage: tuple[Path, Path] | None = None  # (fullres data folder, predicted_next_stage folder)
     pad_value: float = 0.0  # what the loader pads patches with (normalised air); the sliding window pads alike
+    plans_path: Path | None = None  # the dataset's plans.json, copied into the model folder
+
+    @property
+    def paths(self) -> FoldPaths:
+        return FoldPaths(Path(self.output_dir))
 
     @property
     def n_classes(self) -> int:
@@ -119,8 +125,9 @@ class Trainer:
     def __init__(self, setup: FoldSetup, options: TrainOptions, ctx: D.DistContext = D.SINGLE, components: Components | None = None):
         self.setup, self.options, self.ctx = setup, options, ctx
         self.components = components or default_components()
-        self.device = D.select_device(options.device, ctx)
+        self.device = select_device(options.device, ctx.local_rank)
         self.out = Path(setup.output_dir)
+        self.paths = setup.paths
         self.history: list[dict] = []
         self.epoch = 0
         self.best_ema: float | None = None
@@ -172,7 +179,7 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        latest = self.out / LATEST
+        latest = self.paths.latest
         if not self.options.resume:
             if latest.exists():
                 raise AutoliverError(f"{latest} exists: this fold was trained before; add --continue to resume it, or delete {self.out} to start again")
@@ -311,12 +318,12 @@ class Trainer:
         self.history.append(record)
         self.epoch += 1
         if self.ctx.is_main:
-            append_log(self.out / "log.jsonl", record)
+            append_log(self.paths.log, record)
             state = self._state()
-            save_checkpoint(self.out / LATEST, state)
+            save_checkpoint(self.paths.latest, state)
             if self.best_ema is not None and (prev_best is None or self.best_ema > prev_best):
-                save_checkpoint(self.out / BEST, state)
-            plot_progress(self.out / "progress.png", self.history)
+                save_checkpoint(self.paths.best, state)
+            plot_progress(self.paths.progress, self.history)
         log.info("epoch %d: train loss %.4f, val loss %s, pseudo-Dice %s, lr %.2e, %.1f s",
                  record["epoch"], record["train_loss"], "n/a" if record["val_loss"] is None else f"{record['val_loss']:.4f}",
                  {k: round(v, 4) for k, v in record["pseudo_dice"].items()}, record["lr"], record["epoch_s"])
@@ -328,7 +335,7 @@ class Trainer:
             self.budget = BudgetPlan.start(o.budget_minutes * 60.0, o.epochs, o.iters_per_epoch, val_iters=o.val_iters if self.setup.val_cases else 0)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            rewrite_log(self.out / "log.jsonl", self.history)
+            rewrite_log(self.paths.log, self.history)
         if self.epoch >= self._target_epochs():
             log.info("%s: already trained for %d epochs", self.out, self.epoch)
         else:
@@ -360,7 +367,7 @@ class Trainer:
                     if loader is not None and hasattr(loader, "close"):
                         loader.close()
         if self.ctx.is_main:
-            save_checkpoint(self.out / FINAL, self._state())
+            save_checkpoint(self.paths.final, self._state())
         D.barrier(self.ctx)
         self.finished = True
 
@@ -373,25 +380,24 @@ class Trainer:
         self.network.eval()
         self.network.deep_supervision = False
         mine = list(s.val_cases)[self.ctx.rank :: self.ctx.world_size]
-        validate_cases(self.network, s.config, s.data_folder, mine, self.out / "validation", epoch=self.epoch, device=self.device,
+        validate_cases(self.network, s.config, s.data_folder, mine, self.paths.validation, epoch=self.epoch, device=self.device,
                        n_classes=s.n_classes, step=self.options.val_step, autocast_dtype=self.autocast,
                        prev_stage_folder=s.prev_stage_folder, save_probabilities=self.options.save_probabilities, next_stage=s.next_stage,
                        pad_value=s.pad_value)
         D.barrier(self.ctx)
         if not self.ctx.is_main:
             return None
-        per_case = {c: json.loads((self.out / "validation" / f"{c}.json").read_text(encoding="utf-8"))["dice"] for c in s.val_cases}
+        per_case = {c: json.loads(self.paths.validation_case(c, ".json").read_text(encoding="utf-8"))["dice"] for c in s.val_cases}
         metrics = summarise(per_case, {"configuration": s.config.name, "fold": s.fold, "epoch": self.epoch, "plans_hash": s.plans_hash})
-        write_json(self.out / "metrics.json", metrics)
-        log.info("%s: mean liver Dice %.4f, tumour Dice %.4f", self.out / "metrics.json", metrics["mean"]["liver"], metrics["mean"]["tumour"])
+        write_json(self.paths.metrics, metrics)
+        log.info("%s: mean liver Dice %.4f, tumour Dice %.4f", self.paths.metrics, metrics["mean"]["liver"], metrics["mean"]["tumour"])
         return metrics
 
     def _copy_plans(self) -> None:
         """Copy the dataset's plans.json into the model folder (results/<dataset>/), so that the
         folder is self-contained for ``autoliver predict -m``."""
-        source = Path(self.setup.data_folder).parent / "plans.json"
-        target = self.out.parent.parent / "plans.json"
-        if not self.ctx.is_main or not source.is_file():
+        source, target = self.setup.plans_path, ModelPaths(self.paths.model_dir).plans
+        if not self.ctx.is_main or source is None or not source.is_file():
             return
         if target.is_file() and target.read_bytes() == source.read_bytes():
             return

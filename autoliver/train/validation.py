@@ -18,45 +18,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import blosc2
 import numpy as np
 import torch
 
-from autoliver.infer.sliding_window import predict_slicewise, sliding_window_predict, softmax_
+from autoliver.core.artefacts import FoldMetrics
+from autoliver.evaluate.overlap import case_dice
+from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.preprocess.resample import resample_probabilities
 from autoliver.preprocess.storage import CLEVEL, CODEC, DATA_SUFFIX, blosc2_layout, load_case, load_properties
 from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
-
-LIVER_LABELS = (1, 2)
-TUMOUR_LABELS = (2,)
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty (LiTS)."""
-    p, r = np.count_nonzero(pred), np.count_nonzero(ref)
-    if p + r == 0:
-        return 1.0
-    return 2.0 * np.count_nonzero(pred & ref) / (p + r)
-
-
-def case_dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """Liver (labels 1 + 2) and tumour (label 2) Dice of two label maps."""
-    return {
-        "liver": dice(np.isin(pred, LIVER_LABELS), np.isin(ref, LIVER_LABELS)),
-        "tumour": dice(np.isin(pred, TUMOUR_LABELS), np.isin(ref, TUMOUR_LABELS)),
-    }
-
-
-def one_hot_foreground(seg: np.ndarray, n_classes: int) -> np.ndarray:
-    """(Z, Y, X) labels -> (n_classes - 1, Z, Y, X) float32 indicators of labels 1..n_classes-1."""
-    return np.stack([(seg == c) for c in range(1, n_classes)]).astype(np.float32)
-
 
 def load_prev_stage(folder: Path, case_id: str) -> np.ndarray:
     """A previous stage's uint8 label map in this configuration's grid."""
@@ -70,43 +46,6 @@ def write_label_map(target: Path, seg: np.ndarray) -> None:
     with atomic_path(target, suffix=DATA_SUFFIX) as tmp:
         tmp.unlink()
         blosc2.asarray(np.ascontiguousarray(seg.astype(np.uint8)), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
-
-
-def make_predictor(model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The network as a tile predictor returning logits (B, n_classes, *patch) in float32."""
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.float()
-
-    return predict
-
-
-def predict_volume(predictor: Callable, data: np.ndarray, config: Configuration, n_classes: int, device: torch.device,
-                   step: float = 0.5, prev_seg: np.ndarray | None = None, pad_value: float = 0.0,
-                   starts: list[list[int]] | None = None) -> torch.Tensor:
-    """Softmax probabilities (n_classes, Z, Y, X) float32 of one preprocessed (Z, Y, X) volume.
-
-    ``prev_seg`` (Z, Y, X) uint8: a previous stage's labels, given as one-hot channels (cascade).
-    The only full-size arrays are the float32 image and the logits, turned into probabilities
-    in place. ``starts``: tile starts per network axis (the sliding window's default otherwise).
-    """
-    image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
-    extra = None if prev_seg is None else torch.from_numpy(one_hot_foreground(prev_seg, n_classes))
-    with torch.inference_mode():
-        if config.network_dims == 2:
-            logits = predict_slicewise(predictor, image, config.patch_size, in_slices=config.in_slices, extra=extra,
-                                       step=step, n_classes=n_classes, device=device, pad_value=pad_value, starts=starts)
-        else:
-            x, pads = image, pad_value
-            if extra is not None:  # one-hot channels of the previous stage are padded with 0
-                x, pads = torch.cat([image, extra]), [pad_value] + [0.0] * extra.shape[0]
-            logits = sliding_window_predict(predictor, x, config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pads,
-                                            starts=starts)
-        return softmax_(logits)
 
 
 def validate_cases(model: torch.nn.Module, config: Configuration, data_folder: Path, case_ids: list[str], out_dir: Path,
@@ -149,8 +88,5 @@ def validate_cases(model: torch.nn.Module, config: Configuration, data_folder: P
 
 
 def summarise(per_case: dict[str, dict], extra: dict | None = None) -> dict:
-    """metrics.json content: per-case Dice and the means."""
-    names = ("liver", "tumour")
-    mean = {n: float(np.mean([d[n] for d in per_case.values()])) if per_case else None for n in names}
-    return {"mean": mean, "per_case": {k: per_case[k] for k in sorted(per_case)}, "n_cases": len(per_case),
-            "dice_rule": "LiTS: 1 when prediction and reference are both empty", **(extra or {})}
+    """metrics.json content: per-case Dice and the means (see :class:`FoldMetrics`)."""
+    return FoldMetrics(per_case, extra or {}).to_json()

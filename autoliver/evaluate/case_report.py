@@ -26,11 +26,10 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
+from autoliver.core.labels import liver_mask, tumour_mask
 from autoliver.io.images import Geometry
 from planning.crop import bbox_of, crop
 
-LIVER_LABELS = (1, 2)
-TUMOUR_LABEL = 2
 SMALL_MM, LARGE_MM = 10.0, 20.0
 SIZE_RULE = f"largest diameter d: small d < {SMALL_MM:g} mm, medium {SMALL_MM:g} <= d <= {LARGE_MM:g} mm, large d > {LARGE_MM:g} mm"
 DIRECT_LIMIT = 2000  # up to this many surface points the pairwise maximum is taken directly
@@ -100,7 +99,7 @@ def tumour_stats(seg: np.ndarray, geometry: Geometry) -> list[dict]:
     once for all of them (a 6-neighbour of a component's voxel that is tumour belongs to the
     same component), volumes and centroids come from label sums.
     """
-    mask = seg == TUMOUR_LABEL
+    mask = tumour_mask(seg)
     box = bbox_of(mask)
     if box is None:
         return []
@@ -137,8 +136,8 @@ def case_report(seg: np.ndarray, geometry: Geometry, *, configuration: str | Non
     if tuple(seg.shape) != tuple(geometry.shape):
         raise ValueError(f"label map shape {seg.shape} differs from the geometry's {geometry.shape}")
     vml = voxel_volume_ml(geometry)
-    liver_voxels = int(np.count_nonzero(np.isin(seg, LIVER_LABELS)))
-    tumour_voxels = int(np.count_nonzero(seg == TUMOUR_LABEL))
+    liver_voxels = int(np.count_nonzero(liver_mask(seg)))
+    tumour_voxels = int(np.count_nonzero(tumour_mask(seg)))
     tumours = tumour_stats(seg, geometry)
     report = {
         "liver_volume_ml": liver_voxels * vml,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoliver.errors import CheckpointError
+from autoliver.core.errors import CheckpointError
 from autoliver.io.atomic import atomic_path
 
 FORMAT_VERSION = 1

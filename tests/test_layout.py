@@ -2,8 +2,8 @@
 
 import pytest
 
-from autoliver.errors import DatasetError
-from autoliver.workspace import Workspace, resolve_dataset
+from autoliver.core.errors import DatasetError
+from autoliver.core.layout import Workspace, resolve_dataset
 
 
 def make(ws_root, name):

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from autoliver.errors import DatasetError, ImageReadError
-from autoliver.evaluate.runner import label_value_problems
+from autoliver.core.errors import DatasetError, ImageReadError, UsageError
+from autoliver.core.labels import label_value_problems
 from autoliver.io.atomic import atomic_path
 from autoliver.io.images import Geometry, image_suffix, read_header, read_image, write_image
-from autoliver.validate import Tolerances, geometry_mismatch
+from autoliver.io.validate import Tolerances, geometry_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def build_submission(prediction_dir: str | Path, output: str | Path, test_dir: s
     is written."""
     prediction_dir, output = Path(prediction_dir).expanduser(), Path(output).expanduser()
     if output.suffix.lower() != ".zip":
-        raise ValueError(f"{output}: the submission must be a .zip file")
+        raise UsageError(f"{output}: the submission must be a .zip file")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; remove it or pass --overwrite")
     predictions, problems = lits_test_cases(prediction_dir)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from autoliver.errors import DatasetError
-from autoliver.parallel import parallel_map
+from autoliver.core.errors import DatasetError
+from autoliver.core.parallel import parallel_map
 from autoliver.io.dataset import DATASET_JSON, Case, RawDataset
 from autoliver.io.images import read_image
 from planning.fingerprint import analyse_case, reduce_fingerprint

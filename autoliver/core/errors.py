@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from planning.errors import AutoliverError, PlanError
 
-class AutoliverError(Exception):
-    """Base of every error autoliver raises for bad input or missing artefacts."""
+__all__ = [
+    "AutoliverError",
+    "CheckpointError",
+    "DataLoadingError",
+    "DatasetError",
+    "ImageReadError",
+    "MissingArtefactError",
+    "PlanError",
+    "SplitsError",
+    "StaleArtefactError",
+    "UsageError",
+]
 
 
 class DatasetError(AutoliverError):
@@ -21,10 +32,6 @@ class DatasetError(AutoliverError):
 
 class ImageReadError(DatasetError):
     """An image file or DICOM folder could not be read."""
-
-
-class PlanError(AutoliverError):
-    """Planning could not produce a valid configuration."""
 
 
 class MissingArtefactError(AutoliverError):
@@ -45,3 +52,9 @@ class CheckpointError(AutoliverError):
 
 class DataLoadingError(AutoliverError):
     """A batch could not be made; the message names the case and the cause."""
+
+
+class UsageError(AutoliverError, ValueError):
+    """A command or function was called with bad arguments (the CLI exits with status 2).
+
+    Also a ValueError, so library callers that catch ValueError for bad arguments keep working."""

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from autoliver.errors import DatasetError, ImageReadError
+from autoliver.core.errors import DatasetError, ImageReadError
+from autoliver.core.labels import LABEL_VALUES, label_value_problems
+from autoliver.core.parallel import parallel_map
 from autoliver.io.dataset import Case, RawDataset, discover
 from autoliver.io.images import Geometry, read_header, read_image, read_sitk
 from autoliver.io.nifti_raw import nifti_header_spacing, nifti_nonfinite_count
-from autoliver.parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +117,10 @@ def geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry,
 
 
 def _label_value_problems(path: Path, array: np.ndarray, declared: set[int]) -> list[str]:
-    if np.issubdtype(array.dtype, np.floating):
-        n_bad = _nonfinite_count(path, array)
-        if n_bad:
-            return [f"{path}: label map holds {n_bad} NaN/Inf voxels; labels must be integers: re-export it as uint8"]
-        values = np.unique(array)
-        fractional = values[values != np.round(values)]
-        if fractional.size:
-            return [f"{path}: label map holds non-integer values (e.g. {fractional[:5].tolist()}); labels must be integers: re-export it as uint8 (nearest-neighbour if it was resampled)"]
-        values = values.astype(np.int64)
-    elif array.dtype == np.uint8:
-        values = np.flatnonzero(np.bincount(array.reshape(-1), minlength=256))
-    else:
-        values = np.unique(array).astype(np.int64)
-    if not declared:
-        return []  # discover already reported the missing "labels"
-    extra = sorted(int(v) for v in values if int(v) not in declared)
-    if extra:
-        return [f"{path}: label values {extra} are not declared in dataset.json \"labels\" {sorted(declared)}; fix the label map or declare them"]
-    return []
+    problems = label_value_problems(path, array, declared or LABEL_VALUES, allowed_from='dataset.json "labels"')
+    if not declared:  # discover already reported the missing "labels": keep only problems of the values' type
+        problems = [p for p in problems if "not declared" not in p]
+    return problems
 
 
 def _check_case(case: Case, declared: set[int], root: Path, tol: Tolerances, is_test: bool) -> list[str]:

@@ -419,7 +419,7 @@ def write_phantom_dataset(
         "numTraining": n_cases,
         "file_ending": ".nii.gz",
         "name": dataset_name,
-        "description": "synthetic abdominal CT phantoms (autoliver.phantom)",
+        "description": "synthetic abdominal CT phantoms (autoliver.examples.phantom)",
         "phantoms": record,
     })
     return out

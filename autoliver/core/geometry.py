@@ -1,0 +1,58 @@
+"""Box and spacing helpers shared by every stage (arrays (Z, Y, X), spacing in mm, same order).
+
+A *box* is a tuple of ``slice`` objects, one per axis, half-open and inside the array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from planning.crop import bbox_of
+
+
+def check_spacing(spacing: Sequence[float], ndim: int = 3, name: str = "spacing") -> tuple[float, ...]:
+    """``spacing`` as ``ndim`` positive finite floats (mm), else ValueError naming the value."""
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {ndim} positive numbers in mm, got {spacing!r}") from None
+    if len(values) != ndim or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"{name} must be {ndim} positive finite numbers (mm, {'z, y, x' if ndim == 3 else 'array order'}), got {values}")
+    return values
+
+
+def margin_voxels(spacing: Sequence[float], margin_mm: float) -> tuple[int, ...]:
+    """A margin in mm as whole voxels per axis (rounded up)."""
+    return tuple(int(math.ceil(float(margin_mm) / float(s))) for s in spacing)
+
+
+def grow_box(box: Sequence[slice], pad: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` grown by ``pad`` voxels per axis and clipped to ``shape``."""
+    return tuple(slice(max(0, int(b.start) - int(p)), min(int(n), int(b.stop) + int(p))) for b, p, n in zip(box, pad, shape))
+
+
+def mask_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask`` (any number of axes), grown by
+    ``margin`` voxels (one number or one per axis) and clipped; None when the mask is empty."""
+    if mask.ndim == 3:
+        extents = bbox_of(mask)
+        if extents is None:
+            return None
+    else:
+        extents = []
+        for axis in range(mask.ndim):
+            hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+            if hits.size == 0:
+                return None
+            extents.append((int(hits[0]), int(hits[-1]) + 1))
+    box = tuple(slice(int(lo), int(hi)) for lo, hi in extents)
+    pad = (margin,) * mask.ndim if isinstance(margin, (int, np.integer)) else tuple(margin)
+    return grow_box(box, pad, mask.shape)
+
+
+def mask_box_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, ...] | None:
+    """:func:`mask_box` with the margin given in mm."""
+    return mask_box(mask, margin_voxels(spacing, margin_mm))
