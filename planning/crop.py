@@ -43,20 +43,20 @@ def body_bbox(image: np.ndarray, label: np.ndarray | None = None, threshold: flo
     s = COARSE_STEP
     coarse = image[::s, ::s, ::s] > threshold
     components, n = ndimage.label(coarse)
-    if n == 0:
-        box = None
-    else:
+    coarse_box: Box | None = None
+    if n > 0:
         sizes = np.bincount(components.ravel())[1:]
         # keep every component at least 5% of the largest: the body can appear split in two
         # by a thin slice gap, but table fragments and noise are small
         keep = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
-        box = bbox_of(np.isin(components, keep))
-    if box is None:
-        box = tuple((0, n_) for n_ in image.shape)
+        coarse_box = bbox_of(np.isin(components, keep))
+    box: tuple[tuple[int, int], ...]
+    if coarse_box is None:
+        box = tuple((0, int(n_)) for n_ in image.shape)
     else:
         box = tuple(
-            (max(0, lo * s - s - margin), min(size, hi * s + s + margin))
-            for (lo, hi), size in zip(box, image.shape)
+            (max(0, lo * s - s - margin), min(int(size), hi * s + s + margin))
+            for (lo, hi), size in zip(coarse_box, image.shape)
         )
     if label is not None:
         lbox = bbox_of(label > 0)

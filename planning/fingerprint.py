@@ -160,7 +160,7 @@ def _tumour_stats(cases: dict[str, dict]) -> dict:
             "max": int(per_case.max()) if per_case.size else 0,
         },
     }
-    vol = {"count": int(volumes.size)}
+    vol: dict[str, float] = {"count": int(volumes.size)}
     if volumes.size:
         vol["min"] = float(volumes.min())
         vol.update({f"p{p}": float(np.percentile(volumes, p)) for p in VOLUME_PERCENTILES})

@@ -62,8 +62,8 @@ def fullres_spacing(fingerprint: dict) -> tuple[tuple[float, float, float], str]
     if aniso_spacing and aniso_voxels:
         p10 = float(fingerprint["spacing"]["percentiles"]["10"][worst])
         target[worst] = max(p10, max(target[a] for a in others) + 1e-5)
-        return tuple(float(v) for v in target), f"median spacing; axis {worst} anisotropic: its 10th percentile {p10:.4g} mm"
-    return tuple(float(v) for v in target), "median spacing"
+        return _floats3(target), f"median spacing; axis {worst} anisotropic: its 10th percentile {p10:.4g} mm"
+    return _floats3(target), "median spacing"
 
 
 def median_shape_at(fingerprint: dict, spacing: tuple[float, ...]) -> tuple[int, int, int]:
@@ -74,7 +74,17 @@ def median_shape_at(fingerprint: dict, spacing: tuple[float, ...]) -> tuple[int,
         med = np.median(np.vstack(shapes), axis=0)
     else:
         med = np.array(fingerprint["shape_after_crop"]["median"]) * np.array(fingerprint["spacing"]["median"]) / np.array(spacing)
-    return tuple(max(1, int(round(v))) for v in med)
+    return _ints3(max(1, int(round(v))) for v in med)
+
+
+def _floats3(values) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
+def _ints3(values) -> tuple[int, int, int]:
+    a, b, c = (int(v) for v in values)
+    return a, b, c
 
 
 def slices_for_25d(z_spacing: float) -> int:
@@ -153,8 +163,8 @@ def plan_configuration(
         name=name,
         network_dims=dims,
         data_identifier=data_identifier,
-        spacing=tuple(float(s) for s in spacing),
-        median_shape=tuple(int(m) for m in median_shape),
+        spacing=_floats3(spacing),
+        median_shape=_ints3(median_shape),
         patch_size=tuple(int(p) for p in topo.patch_size),
         batch_size=int(batch),
         n_stages=topo.n_stages,
@@ -177,7 +187,7 @@ def _plan_lowres(fullres: Configuration, n_cases, budget, device, n_classes) -> 
     while patch_vox / median_vox < LOWRES_THRESHOLD:
         coarse = spacing.max() / spacing > 2
         spacing = spacing * np.where(coarse, LOWRES_STEP, 1.0) if coarse.any() else spacing * LOWRES_STEP
-        median = tuple(max(1, int(round(v))) for v in full_spacing / spacing * full_median)
+        median = _ints3(max(1, int(round(v))) for v in full_spacing / spacing * full_median)
         median_vox = float(math.prod(median))
         lowres = plan_configuration("3d_lowres", tuple(spacing), median, n_cases, budget, device, n_classes, "lowres")
         patch_vox = float(math.prod(lowres.patch_size))
@@ -201,7 +211,7 @@ def plan_experiment(fingerprint: dict, memory_gb: float | None = None, device: s
     elif device == "cpu":
         if cpu_ram_gb is None and memory_gb is None:
             raise ValueError("device='cpu' needs cpu_ram_gb (the machine's RAM in GiB) or memory_gb")
-        budget_gb = CPU_RAM_FRACTION * float(cpu_ram_gb) if cpu_ram_gb is not None else float(memory_gb)
+        budget_gb = CPU_RAM_FRACTION * float(cpu_ram_gb) if cpu_ram_gb is not None else float(memory_gb or 0.0)
         if memory_gb is not None:
             budget_gb = min(budget_gb, float(memory_gb))
     else:

@@ -37,12 +37,13 @@ def grow_box(box: Sequence[slice], pad: Sequence[int], shape: Sequence[int]) -> 
 def mask_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...] | None:
     """The smallest box holding every True voxel of ``mask`` (any number of axes), grown by
     ``margin`` voxels (one number or one per axis) and clipped; None when the mask is empty."""
+    extents: list[tuple[int, int]] = []
     if mask.ndim == 3:
-        extents = bbox_of(mask)
-        if extents is None:
+        box3 = bbox_of(mask)
+        if box3 is None:
             return None
+        extents = list(box3)
     else:
-        extents = []
         for axis in range(mask.ndim):
             hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
             if hits.size == 0:
