@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 
 from autoliver.infer.predictor import Box, Model
-from autoliver.infer.sliding_window import _pad_to, argmax_labels, predict_slicewise, tile_starts
+from autoliver.infer.sliding_window import Window, _pad_to, argmax_labels, predict_slicewise, tile_starts
 from autoliver.infer.volume import make_predictor
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def coarse_labels(model: Model, data: np.ndarray) -> tuple[np.ndarray, np.ndarra
             k = max(1, int(round(COARSE_SLICE_MM / spacing[0])))
             zs = list(range(min(k // 2, data.shape[0] - 1), data.shape[0], k))
             volume = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
-            logits = predict_slicewise(predictor, volume, config.patch_size, in_slices=config.in_slices, step=1.0,
-                                       n_classes=model.n_classes, device=model.device, pad_value=model.pad_value, slices=zs)
+            window = Window(config.patch_size, step=1.0, n_classes=model.n_classes, device=model.device, pad_value=model.pad_value)
+            logits = predict_slicewise(predictor, volume, window, in_slices=config.in_slices, slices=zs)
             return argmax_labels(logits), np.asarray(zs)
         image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None, None]
         padded, crop = _pad_to(image, config.patch_size, model.pad_value)

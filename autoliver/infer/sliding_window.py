@@ -19,12 +19,43 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Window:
+    """How to tile: the patch (spatial axes), the step as a fraction of it, the classes the
+    predictor returns, where tiles are computed (``device``, ``dtype``), Gaussian weighting,
+    tile positions per predictor call, the padding value (one, or one per channel) and
+    optional tile starts per axis (default :func:`tile_starts`; given starts must cover the
+    image, e.g. a larger volume's tiling restricted to a box)."""
+
+    patch_size: tuple[int, ...]
+    step: float = 0.5
+    n_classes: int = 3
+    device: torch.device | str | None = None
+    dtype: torch.dtype = torch.float32
+    gaussian: bool = True
+    tiles_per_call: int = 1
+    pad_value: float | Sequence[float] = 0.0
+    starts: Sequence[Sequence[int]] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.tiles_per_call < 1:
+            raise ValueError(f"tiles_per_call must be >= 1, got {self.tiles_per_call}")
+        if not 0 < self.step <= 1:
+            raise ValueError(f"step must be in (0, 1], got {self.step}")
+
+    def but(self, **changes) -> Window:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
 
 
 def tile_starts(size: int, patch: int, step: float) -> list[int]:
@@ -116,42 +147,27 @@ def _pad_to(images: torch.Tensor, patch: Sequence[int], value: float | Sequence[
     return F.pad(images - v, flat, mode="constant", value=0.0) + v, tuple(crop)
 
 
-def sliding_window_predict_batch(
-    predictor: Predictor,
-    images: torch.Tensor,
-    patch_size: Sequence[int],
-    step: float = 0.5,
-    n_classes: int = 3,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    gaussian: bool = True,
-    tiles_per_call: int = 1,
-    pad_value: float | Sequence[float] = 0.0,
-    starts: Sequence[Sequence[int]] | None = None,
-) -> torch.Tensor:
+def sliding_window_predict_batch(predictor: Predictor, images: torch.Tensor, window: Window) -> torch.Tensor:
     """Predict (N, C, *spatial) -> (N, n_classes, *spatial) float32, all N images tiled alike.
 
-    Each predictor call gets ``tiles_per_call`` tile positions x N images. ``starts``: the
-    tile start indices per axis (default ``tile_starts``), e.g. a larger volume's tiling
-    restricted to a box, so that the box gets exactly that volume's result; they must cover
-    the image.
+    Each predictor call gets ``window.tiles_per_call`` tile positions x N images; given
+    ``window.starts`` make a box get exactly the result of the larger volume they come from.
     """
-    if images.ndim != len(patch_size) + 2:
-        raise ValueError(f"images must be (N, C, *spatial) with {len(patch_size)} spatial axes for patch {tuple(patch_size)}, got shape {tuple(images.shape)}")
-    if tiles_per_call < 1:
-        raise ValueError(f"tiles_per_call must be >= 1, got {tiles_per_call}")
-    patch = tuple(int(p) for p in patch_size)
-    device = torch.device(device) if device is not None else images.device
-    padded, crop = _pad_to(images, patch, pad_value)
+    patch, n_classes, starts = window.patch_size, window.n_classes, window.starts
+    if images.ndim != len(patch) + 2:
+        raise ValueError(f"images must be (N, C, *spatial) with {len(patch)} spatial axes for patch {patch}, got shape {tuple(images.shape)}")
+    device = torch.device(window.device) if window.device is not None else images.device
+    dtype, tiles_per_call = window.dtype, window.tiles_per_call
+    padded, crop = _pad_to(images, patch, window.pad_value)
     n = padded.shape[0]
     spatial = padded.shape[2:]
     stitch = padded.device
     out = torch.zeros((n, n_classes, *spatial), dtype=torch.float32, device=stitch)
     # weights and tile positions are both products over the axes, so the summed weight is the
     # outer product of per-axis sums: no full-size weight volume is kept
-    axes = gaussian_axes(patch) if gaussian else [torch.ones(p, dtype=torch.float64) for p in patch]
+    axes = gaussian_axes(patch) if window.gaussian else [torch.ones(p, dtype=torch.float64) for p in patch]
     if starts is None:
-        starts = [tile_starts(s, p, step) for s, p in zip(spatial, patch)]
+        starts = [tile_starts(s, p, window.step) for s, p in zip(spatial, patch)]
     else:
         starts = [sorted(int(v) for v in st) for st in starts]
         for st, s, p in zip(starts, spatial, patch):
@@ -183,25 +199,12 @@ def sliding_window_predict_batch(
     return out[(slice(None), slice(None), *crop)]
 
 
-def sliding_window_predict(
-    predictor: Predictor,
-    image: torch.Tensor,
-    patch_size: Sequence[int],
-    step: float = 0.5,
-    n_classes: int = 3,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    gaussian: bool = True,
-    tiles_per_call: int = 1,
-    pad_value: float | Sequence[float] = 0.0,
-    starts: Sequence[Sequence[int]] | None = None,
-) -> torch.Tensor:
+def sliding_window_predict(predictor: Predictor, image: torch.Tensor, window: Window) -> torch.Tensor:
     """Predict one image (C, *spatial) -> (n_classes, *spatial) float32 (Gaussian-weighted mean
     of the predictor's outputs: logits or probabilities, whichever it returns)."""
-    if image.ndim != len(patch_size) + 1:
-        raise ValueError(f"image must be (C, *spatial) with {len(patch_size)} spatial axes for patch {tuple(patch_size)}, got shape {tuple(image.shape)}")
-    return sliding_window_predict_batch(predictor, image[None], patch_size, step, n_classes, device, dtype, gaussian, tiles_per_call,
-                                        pad_value, starts)[0]
+    if image.ndim != len(window.patch_size) + 1:
+        raise ValueError(f"image must be (C, *spatial) with {len(window.patch_size)} spatial axes for patch {window.patch_size}, got shape {tuple(image.shape)}")
+    return sliding_window_predict_batch(predictor, image[None], window)[0]
 
 
 def stack_slices(volume: torch.Tensor, z: Sequence[int], k: int) -> torch.Tensor:
@@ -216,32 +219,19 @@ def stack_slices(volume: torch.Tensor, z: Sequence[int], k: int) -> torch.Tensor
     return stacked.permute(1, 0, 2, 3, 4).reshape(len(z), volume.shape[0] * k, *volume.shape[2:])
 
 
-def predict_slicewise(
-    predictor: Predictor,
-    volume: torch.Tensor,
-    patch_size: Sequence[int],
-    in_slices: int = 1,
-    extra: torch.Tensor | None = None,
-    slices_per_call: int = 8,
-    step: float = 0.5,
-    n_classes: int = 3,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    gaussian: bool = True,
-    pad_value: float | Sequence[float] = 0.0,
-    slices: Sequence[int] | None = None,
-    starts: Sequence[Sequence[int]] | None = None,
-) -> torch.Tensor:
+def predict_slicewise(predictor: Predictor, volume: torch.Tensor, window: Window, in_slices: int = 1, extra: torch.Tensor | None = None,
+                      slices_per_call: int = 8, slices: Sequence[int] | None = None) -> torch.Tensor:
     """A 2D predictor over a volume: (C, Z, Y, X) -> (n_classes, Z, Y, X) float32.
 
     Slices go through the 2D sliding window ``slices_per_call`` at a time; with ``in_slices``
     = k > 1 (2.5d) each slice's input is the k slices around it. ``extra`` (E, Z, Y, X) adds
     per-slice channels after the image channels (a previous stage's one-hot prediction).
     ``slices``: predict only these slice indices; the output is then (n_classes, len(slices), Y, X).
-    ``starts``: in-plane tile starts (see ``sliding_window_predict_batch``).
+    ``window``: the in-plane tiling (its ``starts``, when given, are in-plane tile starts).
     """
-    if volume.ndim != 4 or len(patch_size) != 2:
-        raise ValueError(f"expected a (C, Z, Y, X) volume and a (Y, X) patch, got {tuple(volume.shape)} and {tuple(patch_size)}")
+    if volume.ndim != 4 or len(window.patch_size) != 2:
+        raise ValueError(f"expected a (C, Z, Y, X) volume and a (Y, X) patch, got {tuple(volume.shape)} and {window.patch_size}")
+    n_classes, pad_value = window.n_classes, window.pad_value
     index = list(range(volume.shape[1])) if slices is None else [int(z) for z in slices]
     out = torch.empty((n_classes, len(index), *volume.shape[2:]), dtype=torch.float32, device=volume.device)
     for z0 in range(0, len(index), slices_per_call):
@@ -253,7 +243,6 @@ def predict_slicewise(
             batch = torch.cat([batch, extra[:, zs].permute(1, 0, 2, 3).to(batch.dtype)], dim=1)
             if isinstance(pad_value, (int, float)):  # the extra channels are one-hot maps: pad them with 0
                 pads = [float(pad_value)] * (batch.shape[1] - extra.shape[0]) + [0.0] * extra.shape[0]
-        pred = sliding_window_predict_batch(predictor, batch, patch_size, step, n_classes, device, dtype, gaussian, pad_value=pads,
-                                            starts=starts)
+        pred = sliding_window_predict_batch(predictor, batch, window.but(pad_value=pads))
         out[:, rows[0] : rows[-1] + 1] = pred.permute(1, 0, 2, 3)
     return out

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from autoliver.infer.sliding_window import predict_slicewise, sliding_window_predict, softmax_
+from autoliver.infer.sliding_window import Window, predict_slicewise, sliding_window_predict, softmax_
 from planning.plans import Configuration
 
 
@@ -42,14 +42,13 @@ def predict_volume(predictor: Callable, data: np.ndarray, config: Configuration,
     """
     image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
     extra = None if prev_seg is None else torch.from_numpy(one_hot_foreground(prev_seg, n_classes))
+    window = Window(config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pad_value, starts=starts)
     with torch.inference_mode():
         if config.network_dims == 2:
-            logits = predict_slicewise(predictor, image, config.patch_size, in_slices=config.in_slices, extra=extra,
-                                       step=step, n_classes=n_classes, device=device, pad_value=pad_value, starts=starts)
+            logits = predict_slicewise(predictor, image, window, in_slices=config.in_slices, extra=extra)
         else:
-            x, pads = image, pad_value
+            x = image
             if extra is not None:  # one-hot channels of the previous stage are padded with 0
-                x, pads = torch.cat([image, extra]), [pad_value] + [0.0] * extra.shape[0]
-            logits = sliding_window_predict(predictor, x, config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pads,
-                                            starts=starts)
+                x, window = torch.cat([image, extra]), window.but(pad_value=[pad_value] + [0.0] * extra.shape[0])
+            logits = sliding_window_predict(predictor, x, window)
         return softmax_(logits)
