@@ -135,7 +135,7 @@ def predict_case(model: Model | Ensemble, image: np.ndarray | None, geometry: Ge
     timings["argmax_s"] = time.perf_counter() - t_arg
     if ensemble.postprocessing:
         t2 = time.perf_counter()
-        seg_box = _apply_postprocessing(ensemble, seg_box, probs, crop_box(data, box), props["spacing"])
+        seg_box = _apply_postprocessing(ensemble, seg_box, probs, crop_box(data, box), props.spacing)
         timings["postprocess_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     if box is None:

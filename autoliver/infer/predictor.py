@@ -34,6 +34,7 @@ from autoliver.io.checkpoint import load_checkpoint
 from autoliver.io.images import Geometry
 from autoliver.preprocess.case import iter_preprocessed
 from autoliver.preprocess.normalise import air_pad_value
+from autoliver.preprocess.properties import CaseProperties
 from autoliver.preprocess.resample import resample_probabilities
 from planning.plans import Configuration, Plans
 
@@ -286,8 +287,9 @@ def model_probabilities(model: Model, prepared: dict[str, tuple[np.ndarray, dict
     return crop_box(probs, inner).contiguous()
 
 
-def preprocess_for(model, image: np.ndarray, geometry: Geometry) -> dict[str, tuple[np.ndarray, dict]]:
+def preprocess_for(model, image: np.ndarray, geometry: Geometry) -> dict[str, tuple[np.ndarray, CaseProperties]]:
     """The image in every preprocessed grid ``model`` (a Model or an Ensemble) reads:
     data identifier -> (data, properties that map back)."""
     idents = list(model.data_identifiers)
-    return {ident: (data, props) for ident, data, _, props in iter_preprocessed(image, geometry, None, model.plans, idents)}
+    return {ident: (data, CaseProperties.from_json(props, f"{ident} properties"))
+            for ident, data, _, props in iter_preprocessed(image, geometry, None, model.plans, idents)}

@@ -16,13 +16,14 @@ of every tumour component so that small tumours are sampled by the data loader t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from autoliver.io.images import Geometry
 from autoliver.preprocess.normalise import normalise_ct
+from autoliver.preprocess.properties import CaseProperties
 from autoliver.preprocess.resample import (
     axis_weights,
     is_anisotropic,
@@ -164,13 +165,21 @@ def preprocess_case(image: np.ndarray, geometry: Geometry, label: np.ndarray | N
     return data, seg, props
 
 
-def _original(properties: dict) -> tuple[Geometry, tuple, tuple[int, int, int]]:
+def _original(properties: Mapping | CaseProperties) -> tuple[Geometry, tuple, tuple[int, int, int]]:
+    if isinstance(properties, CaseProperties):
+        return properties.geometry, properties.crop_box, properties.shape_after_crop
     geometry = Geometry.from_json(properties["geometry"])
     box = tuple(tuple(int(v) for v in b) for b in properties["crop_box"])
     return geometry, box, tuple(int(v) for v in properties["shape_after_crop"])
 
 
-def map_back(seg: np.ndarray, properties: dict) -> np.ndarray:
+def _preprocessed_shape(properties: Mapping | CaseProperties, default: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(properties, CaseProperties):
+        return properties.shape_after_resampling
+    return tuple(int(v) for v in properties.get("shape_after_resampling", default))
+
+
+def map_back(seg: np.ndarray, properties: Mapping | CaseProperties) -> np.ndarray:
     """A (Z, Y, X) label map in the preprocessed grid -> the original grid (uint8).
 
     Label-safe resampling to the shape after cropping, then pasted at the crop box into a
@@ -179,7 +188,7 @@ def map_back(seg: np.ndarray, properties: dict) -> np.ndarray:
     geometry, box, cropped_shape = _original(properties)
     if seg.ndim != 3:
         raise ValueError(f"expected a 3D (Z, Y, X) label map, got shape {seg.shape}")
-    expected = tuple(properties.get("shape_after_resampling", seg.shape))
+    expected = _preprocessed_shape(properties, seg.shape)
     if tuple(seg.shape) != expected:
         raise ValueError(f"label map shape {seg.shape} differs from the preprocessed shape {expected}")
     out = np.zeros(geometry.shape, dtype=np.uint8)
@@ -198,7 +207,7 @@ def _linear_taps(n_in: int, n_out: int, lo: int, hi: int) -> tuple[int, int, np.
     return j0, j1, idx[j0:j1], w[j0:j1]
 
 
-def map_back_probabilities(probs: np.ndarray, properties: dict, box: Sequence[Sequence[int]] | None = None,
+def map_back_probabilities(probs: np.ndarray, properties: Mapping | CaseProperties, box: Sequence[Sequence[int]] | None = None,
                            dtype=np.float32) -> np.ndarray:
     """Per-class probabilities (C, Z, Y, X) in the preprocessed grid -> the original grid.
 
@@ -212,7 +221,7 @@ def map_back_probabilities(probs: np.ndarray, properties: dict, box: Sequence[Se
     geometry, crop_box, cropped_shape = _original(properties)
     if probs.ndim != 4:
         raise ValueError(f"expected a 4D (C, Z, Y, X) array, got shape {probs.shape}")
-    pre_shape = tuple(int(v) for v in properties.get("shape_after_resampling", probs.shape[1:]))
+    pre_shape = _preprocessed_shape(properties, probs.shape[1:])
     box = tuple((0, n) for n in pre_shape) if box is None else tuple((int(a), int(b)) for a, b in box)
     if tuple(b - a for a, b in box) != tuple(probs.shape[1:]) or any(a < 0 or b > n for (a, b), n in zip(box, pre_shape)):
         raise ValueError(f"probabilities of shape {probs.shape[1:]} do not fill the box {box} of the preprocessed shape {pre_shape}")

@@ -43,6 +43,7 @@ import numpy as np
 
 from autoliver.core.errors import MissingArtefactError
 from autoliver.io.atomic import atomic_path, write_json
+from autoliver.preprocess.properties import CaseProperties
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ def load_properties(folder: Path, case_id: str) -> dict:
         return json.loads(props_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MissingArtefactError(f"{props_path}: preprocessed case {case_id} not found; run `autoliver preprocess` first") from None
+
+
+def read_case_properties(folder: Path, case_id: str) -> CaseProperties:
+    """The typed properties of a preprocessed case (see :class:`CaseProperties`)."""
+    _, _, props_path = _paths(folder, case_id)
+    return CaseProperties.from_json(load_properties(folder, case_id), str(props_path))
 
 
 def load_case(folder: Path, case_id: str, mmap: bool = True):

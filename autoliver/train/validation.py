@@ -29,7 +29,7 @@ from autoliver.evaluate.overlap import case_dice
 from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.preprocess.resample import resample_probabilities
-from autoliver.preprocess.storage import CLEVEL, CODEC, DATA_SUFFIX, blosc2_layout, load_case, load_properties
+from autoliver.preprocess.storage import CLEVEL, CODEC, DATA_SUFFIX, blosc2_layout, load_case, read_case_properties
 from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def validate_cases(model: torch.nn.Module, config: Configuration, data_folder: P
                 np.savez_compressed(tmp, probabilities=probs.astype(np.float16))
         if next_stage is not None:
             full_folder, target_folder = next_stage
-            full_shape = load_properties(full_folder, case_id)["shape_after_resampling"]
+            full_shape = read_case_properties(full_folder, case_id).shape_after_resampling
             up = resample_probabilities(probs, full_shape) if tuple(full_shape) != probs.shape[1:] else probs
             write_label_map(target_folder / f"{case_id}{DATA_SUFFIX}", up.argmax(0).astype(np.uint8))
         write_json(record_path, {"case": case_id, "epoch": epoch, "dice": scores, "shape": list(pred.shape)})
