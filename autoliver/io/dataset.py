@@ -12,13 +12,14 @@ every problem found, so ``validate`` can report them all at once.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoliver.core.errors import DatasetError
+from autoliver.core.errors import AutoliverError, DatasetError
+from autoliver.core.layout import plain_name
+from autoliver.io.jsonfile import read_json
 
 DATASET_JSON = "dataset.json"
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -62,9 +63,9 @@ def load_dataset_json(root: Path) -> tuple[dict | None, list[str]]:
     if not path.is_file():
         return None, [f"{path}: missing; write a dataset.json with channel_names, labels, numTraining and file_ending (see README, 'Dataset layout')"]
     try:
-        dj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, [f"{path}: not valid JSON ({exc}); fix the syntax"]
+        dj = read_json(path, DatasetError, "fix the syntax")
+    except DatasetError as exc:
+        return None, [str(exc)]
     if not isinstance(dj, dict):
         return None, [f"{path}: must hold a JSON object"]
     problems = []
@@ -96,8 +97,23 @@ def _from_explicit_list(root: Path, entries: dict) -> tuple[list[Case], list[str
     cases, problems = [], []
     where = root / DATASET_JSON
     for case_id, entry in sorted(entries.items()):
+        try:
+            plain_name(case_id, "case id", str(where))
+        except AutoliverError as exc:
+            problems.append(f"{exc} (a case id becomes part of output file names)")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f'{where}: case {case_id}: expected {{"images": [...], "label": "..."}}, got {type(entry).__name__}')
+            continue
+        rels = entry.get("images", [])
+        if not isinstance(rels, list) or not all(isinstance(r, str) for r in rels):
+            problems.append(f'{where}: case {case_id}: "images" must be a list of file paths, got {rels!r:.80}')
+            continue
+        if entry.get("label") is not None and not isinstance(entry["label"], str):
+            problems.append(f'{where}: case {case_id}: "label" must be a file path, got {entry["label"]!r:.80}')
+            continue
         images = []
-        for rel in entry.get("images", []):
+        for rel in rels:
             path, ok = _inside(root, rel)
             if not ok:
                 problems.append(f'{where}: case {case_id} image "{rel}" lies outside the dataset folder; keep all files inside {root}')
