@@ -4,15 +4,26 @@ A family registers a builder (any callable ``NetSpec -> torch.nn.Module``, usual
 class itself) under a name with ``@register_network("name")``; ``build_network(name, spec)``
 builds it. New families plug in by registering in a module imported by
 ``autoliver.nets``.
+
+Registration may also record, per family:
+
+* ``divisor``: what every input spatial size must be a multiple of (a callable
+  ``NetSpec -> tuple``, or a constant int / tuple); ``input_divisor(arch, spec)`` returns it
+  and falls back to ``spec.divisor`` (the plan's total stride) for families without one.
+  The sliding window must pad images to a multiple of it.
+* ``estimate``: ``(spec, patch_size) -> NetEstimate``, the trainable parameters and the bytes
+  of activations one sample keeps for the backward pass, computed from the layer description
+  without building the module (``estimate_network(arch, spec, patch_size)``), so a planner
+  can size batch and patch.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from planning.plans import Configuration
 
@@ -22,6 +33,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_ARCH = "unet"
+
+Options = tuple[tuple[str, Any], ...]
+
+
+def _freeze(value: Any) -> Any:
+    """Lists (and nested lists) become tuples, so a spec stays hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _normalise_options(options: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Options:
+    pairs = list(options.items()) if isinstance(options, Mapping) else [tuple(p) for p in options]
+    names = []
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+            raise ValueError(f"NetSpec.options entries must be (name, value) pairs with a non-empty string name, got {pair!r}")
+        names.append(pair[0])
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"NetSpec.options: option(s) given twice: {', '.join(duplicates)}")
+    return tuple(sorted((name, _freeze(value)) for name, value in pairs))
 
 
 @dataclass(frozen=True)
@@ -33,6 +66,10 @@ class NetSpec:
     downsampling into stage ``s`` (the plan's first stride is all ones). Kernel sizes and
     strides have ``dims`` entries each, in (z, y, x) or (y, x) order.
     ``blocks_per_stage``: residual blocks per encoder stage (``resenc``; None: its default).
+    ``options``: family options as sorted (name, value) pairs (a mapping is accepted and
+    normalised; lists become tuples), read with ``option(name, default)``. Fixed-topology
+    families (the published networks) take their widths from here and ignore the per-stage
+    topology.
     """
 
     dims: int
@@ -43,6 +80,7 @@ class NetSpec:
     strides: tuple[tuple[int, ...], ...]
     deep_supervision: bool = True
     blocks_per_stage: tuple[int, ...] | None = None
+    options: Options = field(default=())
 
     def __post_init__(self) -> None:
         if self.dims not in (2, 3):
@@ -66,6 +104,7 @@ class NetSpec:
             raise ValueError(f"NetSpec.kernel_sizes must be odd (same-size padding), got {self.kernel_sizes}")
         if self.blocks_per_stage is not None and (len(self.blocks_per_stage) != n or min(self.blocks_per_stage) < 1):
             raise ValueError(f"NetSpec.blocks_per_stage needs {n} entries >= 1, got {self.blocks_per_stage}")
+        object.__setattr__(self, "options", _normalise_options(self.options))
 
     @property
     def n_stages(self) -> int:
@@ -76,13 +115,26 @@ class NetSpec:
         """Total stride per axis: input spatial sizes must be multiples of it."""
         return tuple(math.prod(s[a] for s in self.strides) for a in range(self.dims))
 
+    def option(self, name: str, default: Any = None) -> Any:
+        """The family option ``name``, or ``default`` when it is not set."""
+        for key, value in self.options:
+            if key == name:
+                return value
+        return default
 
-def net_spec(config: Configuration, n_classes: int = 3, deep_supervision: bool = True) -> NetSpec:
+    def with_options(self, **options: Any) -> NetSpec:
+        """A copy with ``options`` set (added to, or replacing, the existing ones)."""
+        return replace(self, options={**dict(self.options), **options})
+
+
+def net_spec(config: Configuration, n_classes: int = 3, deep_supervision: bool = True, options: Mapping[str, Any] | None = None) -> NetSpec:
     """The NetSpec of a plan configuration.
 
     Input channels: ``config.in_slices`` image channels (1 for 2d/3d, k adjacent slices for
     2.5d), plus, for a cascade stage (``config.previous_stage`` set), the one-hot of the
     previous stage's foreground labels (``n_classes - 1`` channels) after them.
+    ``options``: family options (see ``NetSpec.options``): those of the configuration's
+    ``extra["network_options"]`` (a mapping, if the plan has one), updated with ``options``.
     """
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2 (background + at least one label), got {n_classes}")
@@ -97,22 +149,72 @@ def net_spec(config: Configuration, n_classes: int = 3, deep_supervision: bool =
         kernel_sizes=tuple(tuple(int(k) for k in ks) for ks in config.kernel_sizes),
         strides=tuple(tuple(int(s) for s in st) for st in config.strides),
         deep_supervision=deep_supervision,
+        options={**_config_options(config), **dict(options or {})},
     )
 
 
+def _config_options(config: Configuration) -> dict[str, Any]:
+    extra = config.extra if isinstance(config.extra, Mapping) else {}
+    found = extra.get("network_options") or {}
+    if not isinstance(found, Mapping):
+        raise ValueError(f"configuration {config.name!r}: extra['network_options'] must be a mapping of option names to values, got {found!r}")
+    return dict(found)
+
+
+def fixed_spec(dims: int, in_channels: int, n_classes: int, *, deep_supervision: bool = True, **options: Any) -> NetSpec:
+    """A NetSpec for a fixed-topology family (no plan needed): the per-stage topology is a
+    two-stage placeholder (the fixed-topology families ignore it), ``options`` set."""
+    return NetSpec(
+        dims=dims,
+        in_channels=in_channels,
+        n_classes=n_classes,
+        features_per_stage=(32, 64),
+        kernel_sizes=((3,) * dims,) * 2,
+        strides=((1,) * dims, (2,) * dims),
+        deep_supervision=deep_supervision,
+        options=options,
+    )
+
+
+@dataclass(frozen=True)
+class NetEstimate:
+    """Analytic size of a network: trainable parameters, and the bytes of activations one
+    sample keeps for the backward pass in fp32 (about half under fp16/bf16 autocast), the
+    loss's logits, probabilities and log-probabilities included."""
+
+    parameters: int
+    activation_bytes_per_sample: int
+
+
 Builder = Callable[[NetSpec], "torch.nn.Module"]
-_REGISTRY: dict[str, Builder] = {}
+DivisorFn = Callable[[NetSpec], Sequence[int]]
+EstimateFn = Callable[[NetSpec, Sequence[int]], NetEstimate]
 
 
-def register_network(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register a builder (``NetSpec -> Module``) under ``name``."""
+@dataclass(frozen=True)
+class NetworkEntry:
+    """A registered family: its builder and, optionally, its input divisor and estimate."""
+
+    builder: Builder
+    divisor: DivisorFn | int | tuple[int, ...] | None = None
+    estimate: EstimateFn | None = None
+
+
+_REGISTRY: dict[str, NetworkEntry] = {}
+
+
+def register_network(
+    name: str, *, divisor: DivisorFn | int | tuple[int, ...] | None = None, estimate: EstimateFn | None = None
+) -> Callable[[Builder], Builder]:
+    """Decorator: register a builder (``NetSpec -> Module``) under ``name``, with optional
+    metadata (see the module docstring). Returns the builder unchanged."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"network name must be a non-empty string, got {name!r}")
 
     def decorate(builder: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
-            raise ValueError(f"network {name!r} is already registered (by {_REGISTRY[name]!r}); pick another name")
-        _REGISTRY[name] = builder
+        if name in _REGISTRY and _REGISTRY[name].builder is not builder:
+            raise ValueError(f"network {name!r} is already registered (by {_REGISTRY[name].builder!r}); pick another name")
+        _REGISTRY[name] = NetworkEntry(builder, divisor, estimate)
         return builder
 
     return decorate
@@ -123,11 +225,42 @@ def available_networks() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def build_network(arch: str, spec: NetSpec) -> "torch.nn.Module":
-    """Build the network family ``arch`` for ``spec`` (weights freshly initialised)."""
+def _entry(arch: str) -> NetworkEntry:
     if arch not in _REGISTRY:
         raise ValueError(f"unknown network architecture {arch!r}; available: {', '.join(available_networks())}")
-    model = _REGISTRY[arch](spec)
+    return _REGISTRY[arch]
+
+
+def build_network(arch: str, spec: NetSpec) -> "torch.nn.Module":
+    """Build the network family ``arch`` for ``spec`` (weights freshly initialised)."""
+    model = _entry(arch).builder(spec)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.debug("built %s: %d-D, %d stages, %d parameters", arch, spec.dims, spec.n_stages, n_params)
+    logger.debug("built %s: %d-D, %d parameters", arch, spec.dims, n_params)
     return model
+
+
+def input_divisor(arch: str, spec: NetSpec) -> tuple[int, ...]:
+    """Per axis, what every input spatial size of ``arch`` built from ``spec`` must be a
+    multiple of (pad to it); ``spec.divisor`` for families that register none."""
+    d = _entry(arch).divisor
+    if d is None:
+        return spec.divisor
+    value = d(spec) if callable(d) else d
+    out = (int(value),) * spec.dims if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(out) != spec.dims or min(out) < 1:
+        raise ValueError(f"network {arch!r}: input divisor {out} does not have {spec.dims} positive entries")
+    return out
+
+
+def estimate_network(arch: str, spec: NetSpec, patch_size: Sequence[int]) -> NetEstimate:
+    """Analytic parameter count and activation bytes per sample of ``arch`` for ``spec`` at
+    ``patch_size``, without building the module. ValueError if the family has no estimate,
+    or the patch does not suit the network (wrong axes, not a multiple of the divisor)."""
+    entry = _entry(arch)
+    if entry.estimate is None:
+        raise ValueError(f"network {arch!r} registers no analytic estimate; build it and count its parameters instead")
+    patch = tuple(int(p) for p in patch_size)
+    divisor = input_divisor(arch, spec)
+    if len(patch) != spec.dims or any(p < 1 or p % d for p, d in zip(patch, divisor)):
+        raise ValueError(f"network {arch!r}: patch size {patch} must have {spec.dims} axes, each a positive multiple of {divisor}")
+    return entry.estimate(spec, patch)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from autoliver.nets.blocks import LEAKY_SLOPE, NORM_EPS, ConvNormAct, UNetDecoder, check_input, conv_op, init_weights, norm_op
-from autoliver.nets.registry import NetSpec, register_network
+from autoliver.nets.estimate import Shape, Tally
+from autoliver.nets.registry import NetEstimate, NetSpec, register_network
 
 DECODER_CONVS_PER_STAGE = 1
 _DEFAULT_BLOCKS = (1, 3, 4, 6)
@@ -50,8 +51,38 @@ class BasicBlock(nn.Module):
         out = out + self.skip(x)
         return self.act(out)
 
+    @staticmethod
+    def tally(t: Tally, shape: Shape, cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int]) -> Shape:
+        out = t.norm(t.conv(shape, cin, cout, kernel, stride, bias=True), cout)
+        t.norm(t.conv(out, cout, cout, kernel, 1, bias=True), cout, saved=False)  # norm outputs that only feed the sum
+        if cin != cout or any(s != 1 for s in stride):
+            t.norm(t.conv(shape, cin, cout, 1, stride, padding=0), cout, saved=False)
+        return t.tensor(cout, out)  # the sum, activated in place
 
-@register_network("resenc")
+
+def estimate_resenc(spec: NetSpec, patch_size: Sequence[int]) -> NetEstimate:
+    """Analytic parameters and activation bytes of ``ResEncUNet`` (see ``estimate.Tally``);
+    with deep supervision the loss's tensors at every decoder level are counted."""
+    t = Tally(spec.dims)
+    f, ks, st = spec.features_per_stage, spec.kernel_sizes, spec.strides
+    blocks = spec.blocks_per_stage or default_blocks_per_stage(spec.n_stages)
+    shape = t.norm(t.conv(tuple(patch_size), spec.in_channels, f[0], ks[0], 1, bias=True), f[0])
+    shapes, prev = [], f[0]
+    for s in range(spec.n_stages):
+        for b in range(blocks[s]):
+            shape = BasicBlock.tally(t, shape, prev if b == 0 else f[s], f[s], ks[s], st[s] if b == 0 else (1,) * spec.dims)
+        shapes.append(shape)
+        prev = f[s]
+    for s in range(spec.n_stages - 2, -1, -1):
+        t.transposed_conv(shape, f[s + 1], f[s], st[s + 1], saved=False)
+        shape = t.norm(t.conv(t.tensor(2 * f[s], shapes[s]), 2 * f[s], f[s], ks[s], 1, bias=True), f[s])
+        t.conv(shape, f[s], spec.n_classes, 1, bias=True, saved=False)
+        if spec.deep_supervision and s > 0:
+            t.tensor(3 * spec.n_classes, shape)
+    return t.result(tuple(patch_size), spec.in_channels, spec.n_classes)
+
+
+@register_network("resenc", estimate=estimate_resenc)
 class ResEncUNet(nn.Module):
     """forward(x: (B, C, *spatial)) -> list of logits, full resolution first, when
     ``self.deep_supervision`` is True, else one (B, n_classes, *spatial) tensor."""

@@ -3,21 +3,33 @@
 Encoder stage ``s``: two conv blocks with ``kernel_sizes[s]``, the first with ``strides[s]``
 (a strided conv does the downsampling; stage 0 has stride 1). Decoder: see
 ``blocks.UNetDecoder`` (transposed conv, skip concatenation, two conv blocks, a 1x1 head per
-level). ``planning.memory.parameter_count`` models exactly this network.
+level). ``planning.memory.parameter_count`` models exactly this network, and
+``planning.memory.activation_elements`` its activations: the registered estimate uses them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from autoliver.nets.blocks import UNetDecoder, check_input, init_weights, stacked_convs
-from autoliver.nets.registry import NetSpec, register_network
+from autoliver.nets.estimate import BYTES_FLOAT
+from autoliver.nets.registry import NetEstimate, NetSpec, register_network
+from planning.memory import activation_elements, parameter_count
+from planning.topology import Topology
 
 CONVS_PER_STAGE = 2
 
 
-@register_network("unet")
+def estimate_unet(spec: NetSpec, patch_size: Sequence[int]) -> NetEstimate:
+    """The planner's memory model (``planning.memory``) of this network, fp32 activations."""
+    t = Topology(tuple(int(p) for p in patch_size), spec.strides, spec.kernel_sizes, spec.features_per_stage)
+    return NetEstimate(parameter_count(t, spec.in_channels, spec.n_classes), BYTES_FLOAT * activation_elements(t, spec.in_channels, spec.n_classes))
+
+
+@register_network("unet", estimate=estimate_unet)
 class UNet(nn.Module):
     """forward(x: (B, C, *spatial)) -> list of logits, full resolution first (one per decoder
     level) when ``self.deep_supervision`` is True, else one (B, n_classes, *spatial) tensor."""
