@@ -483,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         log.error("out of memory; use a smaller -np, free memory, or a machine with more", exc_info=args.verbose)
         return 1
+    except (FileNotFoundError, FileExistsError) as exc:
+        if exc.filename is None:  # raised by autoliver with its own message: a wrong path argument
+            log.error("%s", exc, exc_info=args.verbose)
+            return 2
+        log.error("%s: %s; check the path and run the command again", exc.filename, exc.strerror or exc, exc_info=args.verbose)
+        return 1
     except OSError as exc:  # disk full, permission denied, a folder that cannot be made: name the path
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f) or "a file"
         log.error("%s: %s; nothing half-written was kept: fix this and run the command again", where, exc.strerror or exc,
