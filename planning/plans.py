@@ -5,6 +5,14 @@ Configurations share preprocessed data where their spacing is the same: ``2d``, 
 reads ``lowres``. ``data_identifier`` names the folder under ``preprocessed/<dataset>/``.
 
 Axis order everywhere: (z, y, x). A 2D configuration's ``patch_size`` is (y, x).
+
+Besides the planned configurations (``CONFIGURATION_NAMES``), plans.json may hold
+configurations that a recipe or a user added (``planning.recipes``): each names the planned
+configuration it ``inherits_from`` and overrides only what differs (network family and its
+options, training options, stage, patch). A preprocessing option that changes voxel values
+gets its own data folder: ``data_preprocessing[data_identifier]`` records the options and
+``data_spacings[data_identifier]`` its spacing. Fields left at their defaults are not written,
+so plans made before these fields existed keep their hash.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from planning.hashing import hash_json
 
 PLANS_SCHEMA_VERSION = 1
 CONFIGURATION_NAMES = ("2d", "2.5d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+STAGES = ("single", "liver", "tumour")
+DEFAULT_NETWORK = "unet"
 
 
 class PlansFormatError(ValueError):
@@ -51,6 +61,19 @@ class Configuration:
     previous_stage: str | None = None  # cascade: the configuration whose prediction is input
     estimated_memory_gb: float = 0.0  # analytic training-memory estimate at this batch size
     extra: dict = field(default_factory=dict)  # free-form notes (rules applied, reasons)
+    # --- configurations derived from a planned one (recipes, user variants) ---
+    inherits_from: str | None = None  # the planned configuration this one derives from
+    recipe: str | None = None  # the recipe that added it
+    network: str = DEFAULT_NETWORK  # network family (autoliver.nets registry name)
+    network_options: dict = field(default_factory=dict)  # family options (width, dropout, ...)
+    training: dict = field(default_factory=dict)  # loss, optimiser, lr, schedule, stopping rule (autoliver.train.options)
+    stage: str = "single"  # "single"; or a two-stage design's "liver" / "tumour" stage
+    liver_stage: str | None = None  # a tumour stage: the configuration that finds the liver
+    roi_margin_mm: float = 10.0  # a tumour stage: margin around the liver's box
+
+    @property
+    def derived(self) -> bool:
+        return self.inherits_from is not None
 
 
 @dataclass(frozen=True)
@@ -64,9 +87,16 @@ class Plans:
     data_spacings: dict[str, tuple[float, float, float]]  # data_identifier -> spacing
     configurations: dict[str, Configuration]
     schema_version: int = PLANS_SCHEMA_VERSION
+    data_preprocessing: dict[str, dict] = field(default_factory=dict)  # data_identifier -> voxel-changing options
 
     def to_json(self) -> dict:
         d = asdict(self)
+        if not d["data_preprocessing"]:
+            del d["data_preprocessing"]
+        for c in d["configurations"].values():
+            for name, default in _OPTIONAL_DEFAULTS.items():
+                if c.get(name) == default:
+                    del c[name]
         d["plans_hash"] = hash_json({k: v for k, v in d.items() if k != "plans_hash"})
         return d
 
@@ -92,6 +122,8 @@ class Plans:
                 c["kernel_sizes"] = tuple(tuple(k) for k in c["kernel_sizes"])
                 c["strides"] = tuple(tuple(s) for s in c["strides"])
                 configs[name] = Configuration(**c)
+                if configs[name].stage not in STAGES:
+                    raise ValueError(f"configuration {name}: stage {configs[name].stage!r} is not one of {', '.join(STAGES)}")
             return cls(
                 dataset_name=d["dataset_name"],
                 fingerprint_hash=d["fingerprint_hash"],
@@ -102,6 +134,7 @@ class Plans:
                 data_spacings={k: tuple(v) for k, v in d["data_spacings"].items()},
                 configurations=configs,
                 schema_version=d["schema_version"],
+                data_preprocessing={str(k): dict(v) for k, v in (d.get("data_preprocessing") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlansFormatError(f"{source}: malformed ({type(exc).__name__}: {exc}); {fix}") from None
@@ -116,3 +149,7 @@ class Plans:
         except json.JSONDecodeError as exc:
             raise PlansFormatError(f"{path}: not valid JSON ({exc}); re-run `autoliver plan` to rebuild it") from None
         return cls.from_json(d, str(path))
+
+
+_OPTIONAL_DEFAULTS: dict[str, object] = {"inherits_from": None, "recipe": None, "network": DEFAULT_NETWORK, "network_options": {}, "training": {},
+                      "stage": "single", "liver_stage": None, "roi_margin_mm": 10.0}

@@ -4,6 +4,7 @@ SimpleITK, display aspect from spacing, resampling against scikit-image, and who
 checked for escaping, self-containedness and content."""
 
 import base64
+import io
 import json
 import re
 from html.parser import HTMLParser
@@ -135,15 +136,52 @@ def test_display_aspect_follows_the_spacing():
     assert ct.shape == (10, 40) and pixel == (3.0, 1.0)
 
 
-def test_resize_matches_scikit_image_and_keeps_labels():
+def test_slices_are_resized_pixel_centre_onto_pixel_centre():
+    # A HU ramp inside the window: bilinear resampling of a linear image is exact, so the shown
+    # grey is known in closed form (pixel centres onto pixel centres, the edges clamped).
+    rows, cols = 10, 40
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    ct = -100.0 + 10.0 * r + 2.0 * c  # -100..168 HU, inside the window (-150..250 HU)
+    rgb = overlays.render(ct, None, pixel_mm=(2.0, 1.0), max_px=80)
+    assert rgb.shape == (40, 80, 3)  # 20 x 40 mm with square pixels, the longer side 80
+    src_r = np.clip((np.arange(40) + 0.5) * rows / 40 - 0.5, 0, rows - 1)
+    src_c = np.clip((np.arange(80) + 0.5) * cols / 80 - 0.5, 0, cols - 1)
+    expected = np.rint(255 * overlays.window(-100.0 + 10.0 * src_r[:, None] + 2.0 * src_c[None, :]))
+    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1  # float32 rounding at .5
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    # labels: nearest neighbour, so an exact 2x upsampling repeats each label 2 x 2 times
     rng = np.random.default_rng(0)
-    img = rng.random((13, 29))
-    got = overlays.resize(img, (40, 50), order=1)
-    ref = sk_resize(img, (40, 50), order=1, mode="edge", anti_aliasing=False)
-    np.testing.assert_allclose(got, ref, atol=1e-6)
     lab = rng.integers(0, 3, (13, 29)).astype(np.uint8)
-    up = overlays.resize(lab, (26, 58), order=0)
-    np.testing.assert_array_equal(up[::2, ::2], lab)  # an exact 2x nearest-neighbour upsampling
+    grey = np.full(lab.shape, 50.0)
+    np.testing.assert_array_equal(overlays.render(grey, lab, (1.0, 1.0), max_px=58),
+                                  overlays.compose(np.full((26, 58), 0.5), np.kron(lab, np.ones((2, 2), np.uint8))))
+
+
+@pytest.mark.parametrize("max_px", [64, 12])  # larger and smaller than the slices
+def test_views_are_scikit_image_resizes_of_the_slices(max_px):
+    """The report's PNGs are the slices windowed, resized by scikit-image with the report's
+    parameters (bilinear, edges clamped, no anti-aliasing) and overlaid, on a known volume."""
+    from matplotlib.image import imread
+
+    shape, spacing = (9, 14, 22), (3.0, 1.0, 0.5)
+    rng = np.random.default_rng(5)
+    ct = rng.integers(-200, 300, shape).astype(np.int16)
+    seg = np.zeros(shape, np.uint8)
+    seg[2:7, 3:11, 4:18] = 1
+    seg[4, 5:8, 8:12] = 2
+    views = overlays.case_views(ct, geometry(shape, spacing), [seg], max_px=max_px)[0]
+    orient = overlays.orientation(IDENTITY)
+    indices = overlays.choose_slices([seg], orient)
+    for c, v in enumerate(views):
+        hu, pixel_mm = overlays.extract(ct, orient, spacing, v.name, indices[c])
+        labels = overlays.extract(seg, orient, spacing, v.name, indices[c])[0]
+        out = (v.height, v.width)
+        assert out == overlays.display_shape(hu.shape, pixel_mm, max_px)
+        grey = sk_resize(overlays.window(hu), out, order=1, mode="edge", anti_aliasing=False)
+        lab = sk_resize(labels, out, order=0, mode="edge", anti_aliasing=False, preserve_range=True)
+        assert set(np.unique(lab)) <= {0, 1, 2}  # nearest neighbour never invents a label
+        shown = np.rint(imread(io.BytesIO(v.png), format="png")[..., :3] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(shown, overlays.compose(grey, lab))
 
 
 def test_compose_fills_and_outlines_with_the_legend_colours():
@@ -220,7 +258,8 @@ def test_prediction_report_with_references(folders, tmp_path):
     out = write_report(data, tmp_path / "sub" / "report.html")
     text = out.read_text(encoding="utf-8")
     assert_self_contained(text)
-    assert NASTY not in text and "a&lt;b&gt;&amp;&quot;c&#x27;" in text  # escaped in text and attributes
+    assert NASTY not in text and "a&lt;b&gt;&amp;&#34;c&#39;" in text  # escaped in text and attributes
+    assert 'href="#case-a&lt;b&gt;&amp;&#34;c&#39;"' in text and 'alt="a&lt;b&gt;&amp;&#34;c&#39;: Model, axial' in text
     page = Page(text)
     pngs = page.images()
     assert all(p.startswith(PNG_MAGIC) for p in pngs)

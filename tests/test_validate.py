@@ -216,6 +216,21 @@ def test_bad_spacing(ds, value):
     assert str(value) in problem
 
 
+def test_implausible_spacing_is_reported_from_the_voxel_read(ds):
+    path = ds / "imagesTr" / "a_0000.nii.gz"
+    _patch_nifti_pixdim(path, 2, 1e-38)  # positive, so the header check passes it; the NIfTI check does not
+    only_problem(ds, path, "pixdim[3]", "voxel size")
+
+
+def test_invalid_nifti_header_is_reported_not_skipped(ds):
+    path = ds / "imagesTr" / "b_0000.nii.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[:4] = struct.pack("<i", 0)  # sizeof_hdr: ITK still reads the file
+    path.write_bytes(gzip.compress(bytes(raw[: len(raw) // 2])))  # and half of it is missing
+    assert read_header(path)[0] == GEOM
+    only_problem(ds, path, "not a valid NIfTI header", "sizeof_hdr is 0")
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "Dataset001_Empty").mkdir()
     root = make_dataset(tmp_path / "Dataset001_Empty", cases=(), test=())

@@ -1,8 +1,23 @@
 """Raw NIfTI header checks that ITK's reader hides.
 
 ITK's NIfTI reader fills the missing part of a truncated file with zeros, replaces a zero or
-NaN voxel size by 1.0 and reads NaN/Inf voxels as 0, all without an error; these functions
-look at the header and the raw bytes so validation can report such files.
+NaN voxel size by 1.0, reads NaN/Inf voxels as 0 and reads files whose header is not a valid
+NIfTI header at all, all without an error. These functions parse the header with nibabel
+(``Nifti1Header`` / ``Nifti2Header``, either byte order), refuse headers that are not NIfTI or
+declare an impossible image, and stream the raw bytes (never the whole image) so validation and
+reading can report such files.
+
+Refused, with an ``ImageReadError`` naming the file and the field (``check_nifti_header``):
+
+- ``sizeof_hdr`` neither 348 (NIfTI-1) nor 540 (NIfTI-2) in either byte order, or a magic other
+  than ``n+1`` / ``n+2`` (single-file NIfTI), or fewer bytes than a header;
+- ``dim[0]`` outside 1..7, a dimension size below 1, more than ``MAX_VOXELS`` voxels, an unknown
+  ``datatype`` (all before anything is allocated);
+- ``vox_offset`` NaN, infinite, negative, fractional or above ``MAX_VOX_OFFSET``;
+- a spatial ``pixdim`` (voxel size) that is NaN, infinite or outside
+  ``[MIN_PIXDIM, MAX_PIXDIM]`` (zero, negative, 1e-38...);
+- a NaN/Inf in the quaternion/offset (``qform_code > 0``) or the ``srow_*`` rows
+  (``sform_code > 0``): the transforms ITK uses for origin and direction.
 """
 
 from __future__ import annotations
@@ -16,8 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.nifti1 import Nifti1Header
+from nibabel.nifti2 import Nifti2Header
 
 from autoliver.core.errors import ImageReadError
+
+MAX_VOXELS = 2**31  # more voxels than this in one file is refused before anything is allocated
+MAX_VOX_OFFSET = 2**31 - 1  # ITK's NIfTI-1 reader keeps the data offset in a C int
+MIN_PIXDIM, MAX_PIXDIM = 1e-6, 1e6  # plausible voxel sizes (mm, or m / um by xyzt_units)
+
+_HEADER_CLASSES = ((Nifti1Header, b"n+1", b"ni1"), (Nifti2Header, b"n+2", b"ni2"))  # class, single-file magic, pair magic
+_QFORM_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+_SFORM_FIELDS = ("srow_x", "srow_y", "srow_z")
+_HEAD_BYTES = max(cls.sizeof_hdr for cls, _, _ in _HEADER_CLASSES)  # 540
 
 
 def _suffix(path: Path) -> str | None:
@@ -26,92 +52,181 @@ def _suffix(path: Path) -> str | None:
 
 
 @dataclass(frozen=True)
-class _NiftiHeader:
-    order: str  # "<" or ">"
+class NiftiHeader:
+    """A parsed, structurally valid NIfTI header and what autoliver needs of it."""
+
+    header: Nifti1Header | Nifti2Header  # nibabel's view of the raw header (check=False: nothing fixed)
     shape: tuple[int, ...]  # dim[1..ndim], (x, y, z, ...)
-    datatype: int
-    bitpix: int
-    pixdim: tuple[float, ...]  # pixdim[1..ndim]
-    offset: int  # vox_offset
+    dtype: np.dtype  # voxel type from ``datatype``, in the header's byte order
+    pixdim: tuple[float, ...]  # pixdim[1..ndim], raw
+    offset: int  # where the voxels start: vox_offset, at least the header size (as ITK)
+
+    @property
+    def version(self) -> int:
+        return 2 if isinstance(self.header, Nifti2Header) else 1
+
+    @property
+    def n_voxels(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def n_bytes(self) -> int:
-        """Bytes the file must hold: header and extensions, then every voxel."""
-        return self.offset + math.prod(self.shape) * self.bitpix // 8
+        """Bytes the (decompressed) file must hold: header and extensions, then every voxel."""
+        return self.offset + self.n_voxels * self.dtype.itemsize
 
 
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+class _NotNifti(ValueError):
+    """The bytes are not a usable NIfTI header; the message says why (without the file name)."""
 
 
-def _parse_nifti(head: bytes) -> _NiftiHeader | None:
-    """The fields autoliver needs from a NIfTI-1/-2 header, or None if ``head`` is not one."""
-    for order in ("<", ">"):
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            dims = struct.unpack(order + "8h", head[40:56])
-            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
-            pixdim = struct.unpack(order + "8f", head[76:108])
-            offset = max(int(struct.unpack(order + "f", head[108:112])[0]), 348)
+def _fix_hint(text: str) -> str:
+    return f"{text}; the file is damaged or was written wrongly: re-export it (or re-copy it)"
+
+
+def _parse(head: bytes) -> NiftiHeader:
+    """Parse the first bytes of a NIfTI file (up to 540) with nibabel; raise _NotNifti if they
+    are not a single-file NIfTI-1/-2 header or declare an image that cannot exist."""
+    header = None
+    for cls, single, pair in _HEADER_CLASSES:
+        size = cls.sizeof_hdr
+        if len(head) < size:
+            continue
+        for order in ("<", ">"):
+            candidate = cls(head[:size], endianness=order, check=False)
+            if int(candidate["sizeof_hdr"]) == size:
+                header, magics = candidate, (single, pair)
+                break
+        if header is not None:
             break
-        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
-            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
-            dims = struct.unpack(order + "8q", head[16:80])
-            pixdim = struct.unpack(order + "8d", head[104:168])
-            offset = max(struct.unpack(order + "q", head[168:176])[0], 540)
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return None
-    n = dims[0]
-    return _NiftiHeader(order, tuple(max(int(d), 1) for d in dims[1 : n + 1]), int(datatype), int(bitpix), tuple(float(v) for v in pixdim[1 : n + 1]), int(offset))
+    if header is None:
+        if len(head) < Nifti1Header.sizeof_hdr:
+            raise _NotNifti(f"not a valid NIfTI header: only {len(head)} bytes, fewer than the 348 of a NIfTI-1 header; "
+                            "the file is truncated or not NIfTI: re-copy or re-export it")
+        got = struct.unpack("<i", head[:4])[0]
+        raise _NotNifti(_fix_hint(f"not a valid NIfTI header: sizeof_hdr is {got} (byte-swapped {struct.unpack('>i', head[:4])[0]}), "
+                                  "not 348 (NIfTI-1) or 540 (NIfTI-2) in either byte order"))
+    magic = np.asarray(header["magic"]).item()
+    if magic != magics[0]:
+        what = "the header of a .hdr/.img pair, not of a single .nii file" if magic == magics[1] else f"not {magics[0]!r}"
+        raise _NotNifti(_fix_hint(f"not a valid NIfTI header: magic is {magic!r}, {what}"))
+
+    dim = [int(d) for d in header["dim"]]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7:
+        raise _NotNifti(_fix_hint(f"not a valid NIfTI header: dim[0] (number of dimensions) is {ndim}, not 1 to 7"))
+    shape = tuple(dim[1 : ndim + 1])
+    if min(shape) < 1:
+        raise _NotNifti(_fix_hint(f"header declares dimension sizes {shape} (dim[1..{ndim}]); every size must be at least 1"))
+    datatype = int(header["datatype"])
+    try:
+        dtype = header.get_data_dtype()
+    except KeyError:
+        dtype = None
+    if dtype is None or dtype.itemsize == 0:
+        raise _NotNifti(_fix_hint(f"header's datatype code {datatype} is not a NIfTI voxel type"))
+    n_voxels = math.prod(shape)
+    if n_voxels > MAX_VOXELS:
+        raise _NotNifti(_fix_hint(f"header declares {' x '.join(map(str, shape))} = {n_voxels} voxels "
+                                  f"({n_voxels * dtype.itemsize / 2**30:.1f} GiB), more than the {MAX_VOXELS} autoliver reads"))
+
+    vox_offset = float(header["vox_offset"])
+    if not (math.isfinite(vox_offset) and 0 <= vox_offset <= MAX_VOX_OFFSET and vox_offset == int(vox_offset)):
+        raise _NotNifti(_fix_hint(f"header's vox_offset (where the voxels start) is {vox_offset!r}, not a whole number of bytes "
+                                  f"from 0 to {MAX_VOX_OFFSET}"))
+    pixdim = tuple(float(v) for v in header["pixdim"][1 : ndim + 1])
+    return NiftiHeader(header, shape, dtype, pixdim, max(int(vox_offset), header.sizeof_hdr))
+
+
+def _geometry_problems(parsed: NiftiHeader) -> list[str]:
+    """Voxel size and the transforms ITK takes origin and direction from; one message per bad field."""
+    out = []
+    for i, v in enumerate(parsed.pixdim[:3], start=1):
+        if not (math.isfinite(v) and MIN_PIXDIM <= v <= MAX_PIXDIM):
+            out.append(f"pixdim[{i}] (voxel size along {'xyz'[i - 1]}) is {v!r}, not a finite size from {MIN_PIXDIM:g} to {MAX_PIXDIM:g}; "
+                       "fix the file's header (voxel size) and re-export it")
+    header = parsed.header
+    for code, fields in (("qform_code", _QFORM_FIELDS), ("sform_code", _SFORM_FIELDS)):
+        if int(header[code]) <= 0:
+            continue  # a transform with code 0 is not used by ITK
+        for field in fields:
+            values = np.atleast_1d(np.asarray(header[field], dtype=np.float64))
+            if not np.isfinite(values).all():
+                shown = values.tolist() if values.size > 1 else values[0]
+                out.append(f"{field} ({code} {int(header[code])}: origin/direction) is {shown}, not finite; "
+                           "fix the file's orientation and re-export it")
+    return out
 
 
 def _nifti_head(path: Path) -> bytes:
-    if _suffix(path) == ".nii.gz":
-        with gzip.open(path, "rb") as f:
-            return f.read(540)
-    with open(path, "rb") as f:
-        return f.read(540)
+    opener = gzip.open if _suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as f:
+        return f.read(_HEAD_BYTES)
 
 
-def _read_nifti_header(path: Path) -> _NiftiHeader | None:
-    if _suffix(path) not in (".nii", ".nii.gz"):
+def _read_head(path: Path) -> bytes:
+    """The first bytes of a NIfTI file (decompressed); ImageReadError if they cannot be read."""
+    try:
+        return _nifti_head(path)
+    except EOFError:
+        raise ImageReadError(f"{path}: truncated: its gzip stream ends inside the header; re-copy or re-export the file") from None
+    except (OSError, zlib.error) as exc:
+        raise ImageReadError(f"{path}: cannot be decompressed ({exc}); the file is damaged or not gzip: re-copy or re-export it") from None
+
+
+def check_nifti_header(path: str | os.PathLike) -> NiftiHeader | None:
+    """The parsed header of a .nii/.nii.gz file (None for other files); raises ImageReadError,
+    naming the file and every bad field, for a header ITK would read wrongly or silently fix."""
+    path = Path(path)
+    if _suffix(path) is None:
         return None
     try:
-        return _parse_nifti(_nifti_head(path))
-    except (OSError, EOFError, zlib.error):
-        return None
+        parsed = _parse(_read_head(path))
+    except _NotNifti as exc:
+        raise ImageReadError(f"{path}: {exc}") from None
+    problems = _geometry_problems(parsed)
+    if problems:
+        raise ImageReadError([f"{path}: {p}" for p in problems])
+    return parsed
 
 
 def nifti_header_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
     """The raw voxel size (pixdim, x, y, z...) stored in a NIfTI header; None for other files.
 
     ITK replaces a zero or NaN pixdim by 1.0 without a warning, so a validator must look here.
+    A file whose header is not a usable NIfTI header also gives None: reading its voxels
+    (``check_nifti_complete``, called by every read) refuses it with the reason.
     """
-    header = _read_nifti_header(Path(path))
-    return None if header is None else header.pixdim
+    path = Path(path)
+    if _suffix(path) is None:
+        return None
+    try:
+        return _parse(_nifti_head(path)).pixdim
+    except (_NotNifti, OSError, EOFError, zlib.error):
+        return None
 
 
 def nifti_nonfinite_count(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> int | None:
     """How many NaN/Inf voxels a float NIfTI file stores; None for other files and types.
 
     ITK's NIfTI reader turns NaN and Inf into 0 on read, so they can only be seen in the raw
-    voxel bytes, which this streams in chunks of ``chunk_bytes`` (memory stays bounded).
+    voxel bytes, which this streams in chunks of ``chunk_bytes`` (memory stays bounded). An
+    invalid header raises ImageReadError (see ``check_nifti_header``).
     """
     path = Path(path)
-    header = _read_nifti_header(path)
-    if header is None or header.datatype not in _NIFTI_FLOATS:
-        return None
-    dtype = np.dtype(header.order + _NIFTI_FLOATS[header.datatype])
-    chunk_bytes -= chunk_bytes % dtype.itemsize
+    parsed = check_nifti_header(path)
+    if parsed is None or parsed.dtype.kind != "f" or parsed.dtype.itemsize not in (4, 8):
+        return None  # float32 / float64 only, as ITK reads them
+    dtype = parsed.dtype
+    chunk_bytes = max(chunk_bytes - chunk_bytes % dtype.itemsize, dtype.itemsize)
     opener = gzip.open if _suffix(path) == ".nii.gz" else open
     count = 0
     with opener(path, "rb") as f:
-        f.seek(header.offset)
-        remaining = header.n_bytes - header.offset
+        f.seek(parsed.offset)
+        remaining = parsed.n_bytes - parsed.offset
         while remaining > 0 and (data := f.read(min(chunk_bytes, remaining))):
             usable = len(data) - len(data) % dtype.itemsize
-            count += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype))))
+            values = np.frombuffer(data, dtype, count=usable // dtype.itemsize)
+            count += values.size - int(np.count_nonzero(np.isfinite(values)))
             remaining -= len(data)
     return count
 
@@ -131,22 +246,20 @@ def _gzip_stream_size(path: Path) -> tuple[int, bool]:
 
 
 def check_nifti_complete(path: str | os.PathLike) -> None:
-    """Raise ImageReadError if a .nii/.nii.gz file holds fewer voxel bytes than its header says.
+    """Raise ImageReadError if a .nii/.nii.gz file's header is invalid (``check_nifti_header``)
+    or the file holds fewer voxel bytes than its header says.
 
     ITK's NIfTI reader fills the missing part of a truncated file with zeros without an error,
     so this is checked here. For .nii.gz the gzip trailer (uncompressed size) is compared first,
     which costs nothing for an intact file; only a mismatch decompresses the stream to decide.
     """
     path = Path(path)
-    suffix = _suffix(path)
-    if suffix not in (".nii", ".nii.gz"):
+    parsed = check_nifti_header(path)
+    if parsed is None:
         return
+    expected = parsed.n_bytes
     try:
-        parsed = _parse_nifti(_nifti_head(path))
-        if parsed is None:
-            return  # not a NIfTI header: the reader reports it
-        expected = parsed.n_bytes
-        if suffix == ".nii":
+        if _suffix(path) == ".nii":
             have, complete = path.stat().st_size, True
         else:
             with open(path, "rb") as f:
@@ -154,8 +267,6 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
                 if struct.unpack("<I", f.read(4))[0] == expected % (1 << 32):
                     return
             have, complete = _gzip_stream_size(path)
-    except EOFError:
-        raise ImageReadError(f"{path}: truncated: its gzip stream ends inside the header; re-copy or re-export the file") from None
     except (OSError, zlib.error) as exc:
         raise ImageReadError(f"{path}: cannot be decompressed ({exc}); the file is damaged or not gzip: re-copy or re-export it") from None
     if have < expected or not complete:
@@ -163,5 +274,3 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
             f"{path}: truncated: holds {have} of the {expected} bytes its header announces"
             f"{'' if complete else ' and its gzip stream ends early'}; re-copy or re-export the file"
         )
-
-

@@ -9,8 +9,8 @@ Conventions (radiological display, whatever the storage order of the file):
 The array's axes are matched to the patient's axes through the image's direction matrix
 (the nearest axis-aligned orientation; an oblique scan is shown in that nearest one). All of
 this is done with numpy views, so only the three displayed slices are ever copied out of a
-large volume. Each slice is resampled for display so that a pixel is square in millimetres
-(the aspect follows the spacing): CT bilinear, labels nearest neighbour.
+large volume. Each slice is resampled for display (``skimage.transform.resize``) so that a pixel
+is square in millimetres (the aspect follows the spacing): CT bilinear, labels nearest neighbour.
 
 The CT is shown in an abdominal window (width 400 HU, level 50 HU by default). Liver and
 tumour are semi-transparent fills with an opaque outline; colours are from the Okabe-Ito
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage.transform import resize
 
 from autoliver.io.images import Geometry
 
@@ -163,14 +164,6 @@ def display_shape(shape: tuple[int, int], pixel_mm: tuple[float, float], max_px:
     return max(1, int(round(h_mm * scale))), max(1, int(round(w_mm * scale)))
 
 
-def resize(image: np.ndarray, out_shape: tuple[int, int], order: int) -> np.ndarray:
-    """Resample a 2D array onto ``out_shape`` pixel centre to pixel centre (edges clamped)."""
-    rows = (np.arange(out_shape[0]) + 0.5) * image.shape[0] / out_shape[0] - 0.5
-    cols = (np.arange(out_shape[1]) + 0.5) * image.shape[1] / out_shape[1] - 0.5
-    coords = np.meshgrid(rows, cols, indexing="ij")
-    return ndimage.map_coordinates(image, coords, order=order, mode="nearest")
-
-
 def compose(grey: np.ndarray, labels: np.ndarray | None, alpha: float = FILL_ALPHA) -> np.ndarray:
     """Grey [0, 1] (rows, cols) + label map -> RGB uint8 with filled, outlined liver and tumour."""
     rgb = np.repeat((grey * 255.0)[..., None], 3, axis=2)
@@ -197,8 +190,9 @@ def render(ct: np.ndarray, labels: np.ndarray | None, pixel_mm: tuple[float, flo
            width: float = WINDOW_WIDTH_HU, level: float = WINDOW_LEVEL_HU) -> np.ndarray:
     """One HU slice and its labels -> RGB uint8 at display size (square pixels)."""
     out = display_shape(ct.shape, pixel_mm, max_px)
-    grey = resize(window(ct, width, level), out, order=1)
-    lab = resize(labels, out, order=0) if labels is not None else None
+    # pixel centre onto pixel centre, edges clamped, no smoothing: CT bilinear, labels nearest neighbour
+    grey = resize(window(ct, width, level), out, order=1, mode="edge", anti_aliasing=False, preserve_range=True)
+    lab = resize(labels, out, order=0, mode="edge", anti_aliasing=False, preserve_range=True) if labels is not None else None
     return compose(grey, lab)
 
 
