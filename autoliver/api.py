@@ -135,6 +135,32 @@ def load_plans(workspace: Workspace, dataset_spec: str | Path) -> Plans:
     return load(workspace.dataset(dataset_name(dataset_spec, workspace)))
 
 
+def with_recipes(plans: Plans, recipes: list[str] | tuple[str, ...], overrides: dict | None = None) -> Plans:
+    """``plans`` with each recipe's configurations derived and sized for the plans' memory budget."""
+    from autoliver.nets.sizing import size_plans
+    from planning.recipes import RECIPES, derive
+
+    for name in recipes:
+        if name not in RECIPES:
+            raise UsageError(f"unknown recipe {name!r}; shipped: {', '.join(RECIPES)} (see `autoliver recipes`)")
+        plans = size_plans(derive(plans, name, overrides), RECIPES[name].configuration_names)
+        for c in RECIPES[name].configuration_names:
+            note = plans.configurations[c].extra.get("sizing", "")
+            (log.warning if not plans.configurations[c].extra.get("fits_budget", True) else log.info)("%s: %s", c, note)
+    return plans
+
+
+def _recipes_in(path: Path) -> list[str]:
+    """The recipes whose configurations an existing plans.json holds (kept when re-planning)."""
+    if not path.is_file():
+        return []
+    try:
+        old = Plans.load(path)
+    except PlanError:
+        return []
+    return list(dict.fromkeys(c.recipe for c in old.configurations.values() if c.recipe))
+
+
 def plan_and_preprocess(
     dataset_spec: str | Path,
     workspace: Workspace,
@@ -142,8 +168,10 @@ def plan_and_preprocess(
     device: str = "gpu",
     gpu_memory_gb: float | None = None,
     options: StageOptions = StageOptions(),
+    recipes: list[str] | None = None,
 ) -> PreprocessSummary:
-    """validate -> fingerprint -> plans -> preprocessed data for the chosen configurations."""
+    """validate -> fingerprint -> plans (plus the recipes' configurations) -> preprocessed data
+    for the chosen configurations. Recipes added earlier are derived again on the new plan."""
     from autoliver.preprocess.runner import preprocess_dataset
 
     t0 = time.perf_counter()
@@ -151,8 +179,9 @@ def plan_and_preprocess(
     t_validate = time.perf_counter()
     fp, fp_path = fingerprint(dataset, workspace, options)
     t_fp = time.perf_counter()
-    plans = plan(fp, device=device, gpu_memory_gb=gpu_memory_gb)
     plans_path = workspace.dataset(dataset.name).plans
+    kept = _recipes_in(plans_path)
+    plans = with_recipes(plan(fp, device=device, gpu_memory_gb=gpu_memory_gb), list(dict.fromkeys(kept + list(recipes or []))))
     write_plans(plans, plans_path)
 
     wanted = list(configurations) if configurations else list(plans.configurations)
@@ -170,6 +199,31 @@ def plan_and_preprocess(
     summary = PreprocessSummary(dataset.name, fp_path, plans_path)
     summary.folders = {d: out_root / d for d in data_ids}
     summary.seconds = {"validate": t_validate - t0, "fingerprint": t_fp - t_validate, "preprocess": t_end - t_fp, "total": t_end - t0}
+    summary.cases = result
+    return summary
+
+
+def add_configuration(dataset_spec: str | Path, workspace: Workspace, recipes: list[str], overrides: dict | None = None,
+                      options: StageOptions = StageOptions()) -> PreprocessSummary:
+    """Add recipes' configurations to an already planned dataset and preprocess the data
+    folders they need (configurations already there, and their trained folds, stay valid)."""
+    from autoliver.io.plans_file import load_plans as load
+    from autoliver.preprocess.runner import preprocess_dataset
+
+    t0 = time.perf_counter()
+    dataset = validate(dataset_spec, workspace, options)
+    paths = workspace.dataset(dataset.name)
+    plans = with_recipes(load(paths), recipes, overrides)
+    write_plans(plans, paths.plans)
+    from planning.recipes import RECIPES
+
+    names = [c for r in recipes for c in RECIPES[r].configuration_names]
+    data_ids = sorted({plans.configurations[c].data_identifier for c in names})
+    result = preprocess_dataset(dataset, plans, paths.preprocessed, data_identifiers=data_ids, n_jobs=options.n_jobs,
+                                overwrite=options.overwrite, progress=options.progress)
+    summary = PreprocessSummary(dataset.name, paths.fingerprint, paths.plans)
+    summary.folders = {d: paths.data(d) for d in data_ids}
+    summary.seconds = {"total": time.perf_counter() - t0}
     summary.cases = result
     return summary
 
@@ -298,6 +352,8 @@ __all__ = [
     "write_plans",
     "load_plans",
     "plan_and_preprocess",
+    "with_recipes",
+    "add_configuration",
     "train",
     "resolve_model_dir",
     "evaluate",

@@ -42,7 +42,7 @@ def _options(args: argparse.Namespace):
 def cmd_validate(args: argparse.Namespace) -> int:
     from autoliver import api
 
-    dataset = api.validate(args.dataset, _workspace(args), _options(args))
+    dataset = api.validate(_dataset(args), _workspace(args), _options(args))
     print(f"{dataset.root}: valid ({len(dataset.training)} training, {len(dataset.test)} test cases)")
     return 0
 
@@ -75,19 +75,50 @@ def cmd_plan_and_preprocess(args: argparse.Namespace) -> int:
     from planning.table import plans_table
 
     summary = api.plan_and_preprocess(
-        args.dataset,
+        _dataset(args),
         _workspace(args),
         configurations=args.configurations,
         device=args.device,
         gpu_memory_gb=args.gpu_memory,
         options=_options(args),
+        recipes=args.recipes,
     )
     print(plans_table(Plans.load(summary.plans_path)))
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary) -> None:
     print(f"fingerprint: {summary.fingerprint_path}")
     print(f"plans:       {summary.plans_path}")
     for data_id, folder in summary.folders.items():
         print(f"data {data_id:>8}: {folder}")
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from planning.recipes import RECIPES
+
+    for r in RECIPES.values():
+        print(f"{r.name:<20} {', '.join(r.configuration_names)}")
+        print(f"{'':<20} {r.summary}")
+        print(f"{'':<20} follows: {r.source}" + (f"; the paper also applies: {', '.join(r.postprocessing)}" if r.postprocessing else ""))
+    return 0
+
+
+def cmd_add_configuration(args: argparse.Namespace) -> int:
+    from autoliver import api
+    from planning.plans import Plans
+    from planning.table import plans_table
+
+    overrides = {"patch_size": args.patch} if args.patch else None
+    summary = api.add_configuration(_dataset(args), _workspace(args), args.recipe, overrides, _options(args))
+    plans = Plans.load(summary.plans_path)
+    print(plans_table(plans))
+    for c in plans.configurations.values():
+        if c.recipe in args.recipe:
+            print(f"{c.name}: {c.extra.get('sizing', '')}")
+    _print_summary(summary)
     return 0
 
 
@@ -291,6 +322,19 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataset(p: argparse.ArgumentParser) -> None:
+    """The dataset argument, the same in every command: positional or ``-d`` (as nnU-Net)."""
+    p.add_argument("dataset", nargs="?", help="dataset folder (absolute or relative), or its name / numeric id in the workspace")
+    p.add_argument("-d", "--dataset", dest="dataset_option", metavar="DATASET", help="the same, as nnU-Net spells it")
+
+
+def _dataset(args: argparse.Namespace) -> str:
+    given = [v for v in (getattr(args, "dataset", None), getattr(args, "dataset_option", None)) if v is not None]
+    if len(set(given)) != 1:
+        raise UsageError("give the dataset once: as DATASET or as -d DATASET (a folder, a name or a numeric id)")
+    return given[0]
+
+
 def _add_common(p: argparse.ArgumentParser, jobs: bool = True) -> None:
     p.add_argument("--workspace", default=argparse.SUPPRESS, help=WORKSPACE_HELP)
     if jobs:
@@ -319,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a raw dataset and list every problem", description="Check a raw dataset (nnU-Net v2 layout) and list every problem at once; writes nothing.")
-    p.add_argument("dataset", help="dataset folder, or its name / numeric id under the workspace's raw/")
+    _add_dataset(p)
     _add_common(p)
     p.set_defaults(func=cmd_validate)
 
@@ -347,12 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("plan_and_preprocess", help="validate, fingerprint, plan and preprocess a dataset", description="Validate a raw dataset, measure it, plan its configurations and preprocess the data they need. Finished cases are skipped on a re-run.")
-    p.add_argument("dataset", help="dataset folder, or its name / numeric id under the workspace's raw/")
+    _add_dataset(p)
     p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="configurations to preprocess (default: all planned)")
+    p.add_argument("--recipes", nargs="+", metavar="RECIPE", help="also add these recipes' configurations (see `autoliver recipes`); recipes added before are kept")
     p.add_argument("--overwrite", action="store_true", help="redo finished cases and the fingerprint")
     _add_planning(p)
     _add_common(p)
     p.set_defaults(func=cmd_plan_and_preprocess)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes (the published systems as configurations)", description="List the recipes: each reproduces a published liver / liver-tumour segmentation system as configurations derived from the planned ones.")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("add_configuration", help="add recipes' configurations to a planned dataset", description="Add the configurations of one or more recipes to an already planned dataset (plans.json) and preprocess the data folders they need. Trained folds of other configurations stay valid.")
+    _add_dataset(p)
+    p.add_argument("--recipe", nargs="+", required=True, metavar="RECIPE", help="recipe name(s) (see `autoliver recipes`)")
+    p.add_argument("--patch", nargs="+", type=int, metavar="N", help="override the recipe's patch size (y x for 2d, z y x for 3d)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished cases")
+    _add_common(p)
+    p.set_defaults(func=cmd_add_configuration)
 
     p = sub.add_parser("train", help="train one fold of one configuration", description="Train a configuration's network on one cross-validation fold (or on every case: fold 'all'), then validate it on the fold's held-out cases. Start with torchrun for several processes/devices.")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or numeric id (as preprocessed)")

@@ -25,6 +25,7 @@ from planning.hashing import hash_json
 
 PLANS_SCHEMA_VERSION = 1
 CONFIGURATION_NAMES = ("2d", "2.5d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+PREFERENCE_ORDER = ("3d_fullres", "3d_cascade_fullres", "2.5d", "2d", "3d_lowres")  # default choice and candidate order
 STAGES = ("single", "liver", "tumour")
 DEFAULT_NETWORK = "unet"
 
@@ -104,6 +105,43 @@ class Plans:
     def plans_hash(self) -> str:
         return self.to_json()["plans_hash"]
 
+    def ordered_configurations(self) -> tuple[str, ...]:
+        """Planned configurations in preference order, then the derived ones in plan order."""
+        planned = [c for c in PREFERENCE_ORDER if c in self.configurations]
+        return tuple(planned + [c for c in self.configurations if c not in planned])
+
+    def configuration_hash(self, name: str) -> str:
+        """The hash of everything configuration ``name`` is built from: its entry, its data
+        folder's spacing and preprocessing options, the normalisation, labels and fingerprint,
+        and the stages it depends on. Adding another configuration to the plans leaves it
+        unchanged, so trained folds stay valid when a recipe is added."""
+        config = self.configurations[name]
+        entry = {k: v for k, v in asdict(config).items() if _OPTIONAL_DEFAULTS.get(k, _MISSING) != v}
+        ident = config.data_identifier
+        depends = [d for d in (config.previous_stage, config.liver_stage) if d]
+        return hash_json({
+            "configuration": entry, "data_spacing": self.data_spacings.get(ident), "data_preprocessing": self.data_preprocessing.get(ident),
+            "normalisation": asdict(self.normalisation), "labels": self.labels, "fingerprint_hash": self.fingerprint_hash,
+            "depends": {d: self.configuration_hash(d) for d in depends if d in self.configurations},
+        })
+
+    def data_hash(self, data_identifier: str) -> str:
+        """The hash of what a preprocessed data folder is made from (spacing, options, normalisation)."""
+        return hash_json({"data_spacing": self.data_spacings.get(data_identifier), "data_preprocessing": self.data_preprocessing.get(data_identifier),
+                          "normalisation": asdict(self.normalisation), "labels": self.labels, "fingerprint_hash": self.fingerprint_hash})
+
+    def selection_hash(self, names: tuple[str, ...] | list[str]) -> str:
+        """The hash of a set of configurations (an inference plan's members)."""
+        return hash_json({n: self.configuration_hash(n) for n in sorted(names)})
+
+    def hash_matches(self, recorded: str | None, names: str | tuple[str, ...] | list[str]) -> bool:
+        """Whether an artefact's recorded hash fits configuration(s) ``names``: their hash, or
+        (artefacts written before per-configuration hashes) the whole plans' hash."""
+        if recorded is None:
+            return False
+        wanted = self.configuration_hash(names) if isinstance(names, str) else self.selection_hash(names)
+        return recorded in (wanted, self.plans_hash)
+
     @classmethod
     def from_json(cls, d: dict, source: str = "plans.json") -> "Plans":
         fix = "re-run `autoliver plan` or `autoliver plan_and_preprocess` to rebuild it"
@@ -151,5 +189,6 @@ class Plans:
         return cls.from_json(d, str(path))
 
 
+_MISSING = object()
 _OPTIONAL_DEFAULTS: dict[str, object] = {"inherits_from": None, "recipe": None, "network": DEFAULT_NETWORK, "network_options": {}, "training": {},
                       "stage": "single", "liver_stage": None, "roi_margin_mm": 10.0}

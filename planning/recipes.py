@@ -134,7 +134,7 @@ def _derive_variant(plans: Plans, recipe: str, v: Variant, liver_stage: str | No
         network_options={**v.network_options, **overrides.get("network_options", {})},
         training={**v.training, **overrides.get("training", {})}, stage=v.stage, liver_stage=liver_stage,
         data_identifier=ident, spacing=spacing, median_shape=median, patch_size=patch, previous_stage=None,
-        extra={"recipe": recipe, "inherits_from": v.inherits_from},
+        extra={"recipe": recipe, "inherits_from": v.inherits_from, "fixed_patch": bool(v.patch_size or "patch_size" in overrides)},
     )
     return config, ident, pre, spacing
 

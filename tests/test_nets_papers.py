@@ -432,7 +432,7 @@ def test_netspec_options():
     config = Configuration(
         name="2d", network_dims=2, data_identifier="fullres", spacing=(1.0, 1.0, 1.0), median_shape=(64, 64, 64), patch_size=(64, 64),
         batch_size=2, n_stages=2, features_per_stage=(4, 8), kernel_sizes=((3, 3),) * 2, strides=((1, 1), (2, 2)),
-        extra={"network_options": {"base_features": 8, "depth": 2}},
+        network_options={"base_features": 8, "depth": 2},
     )
     assert net_spec(config).options == (("base_features", 8), ("depth", 2))
     assert net_spec(config, options={"depth": 3}).option("depth") == 3

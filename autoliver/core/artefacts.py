@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoliver.core.errors import PlanError
+from autoliver.core.errors import AutoliverError, PlanError
 from autoliver.core.labels import STRUCTURE_NAMES
-from planning.plans import CONFIGURATION_NAMES
+from autoliver.core.layout import plain_name
 
 CRF_STEP = "dense_crf"
 LABEL_STEP_NAMES = ("largest_liver_component", "tumour_inside_liver", "min_tumour_volume")
@@ -125,7 +125,7 @@ class InferencePlan:
         problems = []
         if not configurations:
             problems.append("no configuration")
-        problems += [f"unknown configuration {c!r}" for c in configurations if c not in CONFIGURATION_NAMES]
+        problems += [f"configuration {c!r} is not a plain name" for c in configurations if not _is_plain(c)]
         problems += [f"no folds for {c}" for c in configurations if not folds.get(c)]
         try:
             enabled_steps(steps)
@@ -163,3 +163,11 @@ class FoldMetrics:
             raise PlanError(f"{source}: malformed per-case Dice ({exc}); train the fold again with `autoliver train`") from None
         extra = {k: v for k, v in d.items() if k not in ("mean", "per_case", "n_cases", "dice_rule")}
         return cls(per_case, extra, str(d.get("dice_rule", cls.dice_rule)))
+
+
+def _is_plain(name: str) -> bool:
+    try:
+        plain_name(name)
+    except AutoliverError:
+        return False
+    return True

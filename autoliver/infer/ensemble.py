@@ -89,7 +89,7 @@ class Ensemble:
 def read_inference_plan(path: Path, plans: Plans, plans_path: Path):
     """``inference_plan.json`` read and validated, then checked against the plans the models come from."""
     plan = load_inference_plan(path)
-    if plan.plans_hash != plans.plans_hash:
+    if not plans.hash_matches(plan.plans_hash, plan.configurations):
         raise StaleArtefactError(f"{path}: made for other plans than {plans_path} (plans_hash differs); "
                                  f"run `autoliver find_best_configuration {plans.dataset_name}` again")
     return plan

@@ -40,8 +40,6 @@ from planning.plans import Configuration, Plans
 
 log = logging.getLogger(__name__)
 
-# default configuration when none is given (and no inference_plan.json): the first one trained
-DEFAULT_ORDER = ("3d_fullres", "3d_cascade_fullres", "2.5d", "2d", "3d_lowres")
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)) in a preprocessed grid
 
 
@@ -110,9 +108,10 @@ def _choose_configuration(model_dir: Path, plans: Plans, configuration: str | No
             raise UsageError(f"configuration {configuration!r} not in the plans; planned: {', '.join(plans.configurations)}")
         return configuration
     paths = ModelPaths(model_dir)
-    trained = [c for c in DEFAULT_ORDER if any(_fold_checkpoint(f) is not None for f in paths.fold_dirs(c))]
+    order = plans.ordered_configurations()  # without -c and inference_plan.json: the first one trained
+    trained = [c for c in order if any(_fold_checkpoint(f) is not None for f in paths.fold_dirs(c))]
     if not trained:
-        raise MissingArtefactError(f"{model_dir}: no trained fold of {', '.join(DEFAULT_ORDER)}; "
+        raise MissingArtefactError(f"{model_dir}: no trained fold of {', '.join(order)}; "
                                    f"run `autoliver train -d {model_dir.name} 3d_fullres FOLD` first")
     return trained[0]
 
@@ -153,7 +152,7 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
         if path is None:
             raise MissingArtefactError(f"{fold_dir}: no checkpoint; {train_hint.replace('FOLD', fold)} first")
         state = load_checkpoint(path, map_location="cpu")
-        if state.get("plans_hash") != plans.plans_hash:
+        if not plans.hash_matches(state.get("plans_hash"), name):
             raise StaleArtefactError(f"{path}: trained with another plans.json than {plans_path}; predict with the plans it was trained with or retrain")
         net_info = state.get("network", {})
         arch = net_info.get("arch", "unet")

@@ -133,8 +133,8 @@ def net_spec(config: Configuration, n_classes: int = 3, deep_supervision: bool =
     Input channels: ``config.in_slices`` image channels (1 for 2d/3d, k adjacent slices for
     2.5d), plus, for a cascade stage (``config.previous_stage`` set), the one-hot of the
     previous stage's foreground labels (``n_classes - 1`` channels) after them.
-    ``options``: family options (see ``NetSpec.options``): those of the configuration's
-    ``extra["network_options"]`` (a mapping, if the plan has one), updated with ``options``.
+    ``options``: family options (see ``NetSpec.options``): the configuration's
+    ``network_options``, updated with ``options``.
     """
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2 (background + at least one label), got {n_classes}")
@@ -154,10 +154,9 @@ def net_spec(config: Configuration, n_classes: int = 3, deep_supervision: bool =
 
 
 def _config_options(config: Configuration) -> dict[str, Any]:
-    extra = config.extra if isinstance(config.extra, Mapping) else {}
-    found = extra.get("network_options") or {}
+    found = getattr(config, "network_options", None) or {}
     if not isinstance(found, Mapping):
-        raise ValueError(f"configuration {config.name!r}: extra['network_options'] must be a mapping of option names to values, got {found!r}")
+        raise ValueError(f"configuration {config.name!r}: network_options must be a mapping of option names to values, got {found!r}")
     return dict(found)
 
 

@@ -23,12 +23,11 @@ from autoliver.io.jsonfile import read_json
 from autoliver.io.plans_file import load_plans
 from autoliver.preprocess.storage import load_case
 from autoliver.train.splits import validate_splits
-from planning.plans import CONFIGURATION_NAMES, Plans
+from planning.plans import Plans
 
 log = logging.getLogger(__name__)
 
 # order of preference among equally good candidates of the same size
-CANDIDATE_ORDER = ("3d_fullres", "3d_cascade_fullres", "2.5d", "2d", "3d_lowres")
 CASCADE, LOWRES = "3d_cascade_fullres", "3d_lowres"
 
 
@@ -41,7 +40,7 @@ class CVSource:
     results_dir: Path
     plans: Plans
     splits: tuple[dict, ...]
-    configurations: tuple[str, ...]  # complete, in CANDIDATE_ORDER
+    configurations: tuple[str, ...]  # complete, in the plans' preference order
     folds: dict[str, tuple[str, ...]]
     skipped: dict[str, str]  # incomplete configuration -> what is missing and the command to run
     reference_id: str  # data identifier of the scoring grid ("fullres")
@@ -65,7 +64,7 @@ def _train_cmd(dataset: str, config: str, fold: int | str) -> str:
     return f"`autoliver train -d {dataset} {config} {fold}`"
 
 
-def fold_problems(results_dir: Path, dataset: str, config: str, splits: Sequence[dict], plans_hash: str) -> list[str]:
+def fold_problems(results_dir: Path, dataset: str, config: str, splits: Sequence[dict], plans: Plans) -> list[str]:
     """What is missing or stale in ``config``'s folds, one message per fold (empty: complete)."""
     problems, untrained = [], []
     for k, fold in enumerate(splits):
@@ -81,7 +80,7 @@ def fold_problems(results_dir: Path, dataset: str, config: str, splits: Sequence
         except PlanError:
             problems.append(f"{config} fold {k}: {metrics_path} is not a valid metrics file; run `autoliver train -d {dataset} {config} {k} --continue`")
             continue
-        if metrics.get("plans_hash") not in (None, plans_hash):
+        if metrics.get("plans_hash") is not None and not plans.hash_matches(metrics["plans_hash"], config):
             problems.append(f"{config} fold {k}: {fold_dir} was trained with another plans.json; delete it and run {_train_cmd(dataset, config, k)}")
             continue
         missing = [c for c in fold["val"] if not fold_paths.validation_case(c, ".npz").is_file()]
@@ -111,20 +110,17 @@ def discover(preprocessed_dir: str | Path, results_dir: str | Path, configuratio
     splits = tuple(validate_splits(read_json(splits_path, SplitsError), None, str(splits_path)))
     explicit = configurations is not None and len(configurations) > 0
     if explicit:
-        unknown = [c for c in configurations if c not in CONFIGURATION_NAMES]
-        if unknown:
-            raise UsageError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGURATION_NAMES)}")
         not_planned = [c for c in configurations if c not in plans.configurations]
         if not_planned:
             raise PlanError(f"configuration(s) {', '.join(not_planned)} not in {plans_path}; planned: {', '.join(plans.configurations)}")
-        wanted = [c for c in CANDIDATE_ORDER if c in configurations]
+        wanted = [c for c in plans.ordered_configurations() if c in configurations]
     else:
-        wanted = [c for c in CANDIDATE_ORDER if c in plans.configurations and (results_dir / c).is_dir()]
-    problems = {c: fold_problems(results_dir, dataset, c, splits, plans.plans_hash) for c in wanted}
+        wanted = [c for c in plans.ordered_configurations() if ModelPaths(results_dir).configuration(c).is_dir()]
+    problems = {c: fold_problems(results_dir, dataset, c, splits, plans) for c in wanted}
     if CASCADE in wanted and not problems[CASCADE]:
         lowres = problems.get(LOWRES)
         if lowres is None:
-            lowres = fold_problems(results_dir, dataset, LOWRES, splits, plans.plans_hash)
+            lowres = fold_problems(results_dir, dataset, LOWRES, splits, plans)
         if lowres:
             problems[CASCADE] = [f"{CASCADE} needs its first stage: " + p for p in lowres]
     complete = tuple(c for c in wanted if not problems[c])
@@ -137,7 +133,7 @@ def discover(preprocessed_dir: str | Path, results_dir: str | Path, configuratio
         raise MissingArtefactError(f"no configuration with every fold trained:{detail}")
     for config, message in skipped.items():
         log.warning("left out %s: %s", config, message)
-    full_ids = [plans.configurations[c].data_identifier for c in CANDIDATE_ORDER if c in plans.configurations and c != LOWRES]
+    full_ids = [plans.configurations[c].data_identifier for c in plans.ordered_configurations() if c != LOWRES and not plans.configurations[c].derived]
     reference_id = full_ids[0] if full_ids else "fullres"
     folds = {c: tuple(str(k) for k in range(len(splits))) for c in complete}
     if CASCADE in complete:

@@ -77,7 +77,7 @@ def find_best_configuration(preprocessed_dir: str | Path, results_dir: str | Pat
         "raw_mean": raw,
     }
     plan = InferencePlan(
-        dataset=source.dataset, plans_hash=source.plans.plans_hash, configurations=members,
+        dataset=source.dataset, plans_hash=source.plans.selection_hash(members), configurations=members,
         folds={k: tuple(v) for k, v in folds.items()}, postprocessing=tuple(steps), evidence=evidence,
         created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -78,9 +78,9 @@ def fold_setup(paths: DatasetPaths, configuration: str, fold: int | str, options
     labels = sorted(plans.labels.items(), key=lambda kv: kv[1])
     data_folder = paths.data(config.data_identifier)
     return FoldSetup(
-        dataset=paths.name, config=config, plans_hash=plans.plans_hash, fold=fold, data_folder=data_folder,
+        dataset=paths.name, config=config, plans_hash=plans.configuration_hash(configuration), fold=fold, data_folder=data_folder,
         output_dir=model.fold(configuration, fold).root, train_cases=tuple(train_cases), val_cases=tuple(val_cases),
-        class_names=tuple(k for k, _ in labels), arch=options.arch or config.extra.get("arch", "unet"),
+        class_names=tuple(k for k, _ in labels), arch=options.arch or config.extra.get("arch") or config.network,
         prev_stage_folder=prev_folder, next_stage=next_stage, pad_value=default_pad_value(data_folder), plans_path=paths.plans,
     )
 
