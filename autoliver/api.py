@@ -332,6 +332,22 @@ def find_best_configuration(dataset_spec: str | Path, workspace: Workspace, conf
                   crf_grid=None if crf else [])
 
 
+def compare(dataset_spec: str | Path, workspace: Workspace, configurations: list[str], budget_minutes: float,
+            folds: tuple[int | str, ...] = (0,), device: str = "auto", n_workers: int = 0, progress: bool = True, isolate: bool = True,
+            train_overrides: dict | None = None) -> tuple[dict, Path]:
+    """Train ``configurations`` on the same folds for the same budget, score their held-out
+    cases and measure them; writes ``results/<dataset>/compare/`` (compare.json, compare.csv,
+    compare.html). Returns (the result, the HTML page). Finished folds are not trained again."""
+    from autoliver.report.compare_page import write_compare_page
+    from autoliver.selection.compare import CompareOptions, compare_configurations
+
+    paths = workspace.dataset(dataset_name(dataset_spec, workspace))
+    options = CompareOptions(budget_minutes=budget_minutes, folds=tuple(folds), device=device, n_workers=n_workers, progress=progress,
+                             isolate=isolate, train_overrides=dict(train_overrides or {}))
+    result = compare_configurations(paths, list(dict.fromkeys(configurations)), options)
+    return result, write_compare_page(result, paths.model.root / "compare" / "compare.html")
+
+
 def postprocess(input_dir: str | Path, output_dir: str | Path, plan_path: str | Path, images_dir: str | Path | None = None,
                 options: StageOptions = StageOptions()):
     """Apply an inference plan's post-processing to existing predictions; returns the
@@ -364,4 +380,5 @@ __all__ = [
     "report_dataset",
     "find_best_configuration",
     "postprocess",
+    "compare",
 ]

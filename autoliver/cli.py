@@ -96,6 +96,18 @@ def _print_summary(summary) -> None:
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from autoliver import api
+    from autoliver.selection.compare import table
+
+    result, page = api.compare(_dataset(args), _workspace(args), args.configurations, args.budget_minutes, tuple(args.folds),
+                               device=args.device, n_workers=args.np_workers, progress=not args.no_progress)
+    print(table(result))
+    print(f"page: {page}")
+    print(f"data: {page.with_name('compare.json')}, {page.with_name('compare.csv')}")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from planning.recipes import RECIPES
 
@@ -398,6 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planning(p)
     _add_common(p)
     p.set_defaults(func=cmd_plan_and_preprocess)
+
+    p = sub.add_parser("compare", help="train configurations for the same budget and compare them side by side", description="Train every named configuration (planned or added by a recipe) on the same folds for the same wall-clock budget, score their held-out cases (liver and tumour Dice, IoU, HD95, lesion recall) and measure parameters, FLOPs per patch, training samples/s, inference s/case and peak memory. Writes results/<dataset>/compare/compare.{json,csv,html}. Finished folds are reused on a re-run.")
+    _add_dataset(p)
+    p.add_argument("-c", "--configurations", nargs="+", required=True, metavar="CONFIG", help="configurations to compare")
+    p.add_argument("--budget-minutes", type=float, required=True, metavar="M", help="training budget per configuration and fold")
+    p.add_argument("--folds", nargs="+", type=_fold, default=[0], metavar="FOLD", help="folds to train and score (default: 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="training device (default: %(default)s)")
+    p.add_argument("--workers", dest="np_workers", type=int, default=0, help="data-loading worker processes per training (default: %(default)s)")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("recipes", help="list the shipped recipes (the published systems as configurations)", description="List the recipes: each reproduces a published liver / liver-tumour segmentation system as configurations derived from the planned ones.")
     p.set_defaults(func=cmd_recipes)

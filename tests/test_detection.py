@@ -136,3 +136,13 @@ def test_match_lesions_checks_shapes_and_summary_pools_cases():
     assert s["iou50"]["precision"] == pytest.approx(1 / 4) and s["iou50"]["recall"] == pytest.approx(1 / 6)
     none = detection_summary([detect_lesions(empty(), empty())])
     assert math.isnan(none["overlap"]["precision"]) and math.isnan(none["iou50"]["recall"])
+
+
+def test_lesions_on_both_sides_that_never_touch_are_all_unmatched():
+    pred = np.zeros((6, 12, 12), bool)
+    ref = np.zeros((6, 12, 12), bool)
+    pred[1:3, 1:3, 1:3] = True
+    ref[3:5, 8:10, 8:10] = True
+    result = detect_lesions(pred, ref).to_json()
+    assert result["n_pred"] == 1 and result["n_ref"] == 1
+    assert result["tp_overlap"] == 0 and result["fp_overlap"] == 1 and result["fn_overlap"] == 1

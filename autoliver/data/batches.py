@@ -10,6 +10,11 @@ Output of ``BatchMaker.batch`` (numpy):
     target  int64 (B, 1, *patch): labels 0/1/2 (2.5d: the centre slice)
     tumour  bool (B,): the target holds tumour
     forced  int8 (B,): sampler.RANDOM / FOREGROUND / TUMOUR
+
+With ``BatchSpec.roi`` (a ``sampler.LiverRoi``: a two-stage design's tumour stage) every
+sample first draws its jittered liver box and is cut around a centre inside it (see
+``autoliver.data.sampler``); the liver's box of each case is found once per process, from
+its ground truth. Without, the draws are exactly those of a spec without the field.
 """
 
 from __future__ import annotations
@@ -22,7 +27,20 @@ import blosc2
 import numpy as np
 
 from autoliver.data import augment as aug
-from autoliver.data.sampler import CaseIndex, choose_centre, choose_kind, n_forced, patch_start, read_region
+from autoliver.data.sampler import (
+    Box,
+    CaseIndex,
+    LiverRoi,
+    available_kind,
+    choose_centre,
+    choose_kind,
+    jittered_box,
+    liver_bbox,
+    n_forced,
+    patch_start,
+    read_region,
+    roi_patch_start,
+)
 from autoliver.preprocess.storage import load_case
 
 log = logging.getLogger(__name__)
@@ -55,6 +73,8 @@ class BatchSpec:
     prev_stage_folder: Path | None = None
     n_classes: int = 3
     pad_value: float = 0.0  # image value outside the volume (normalised units)
+    roi: LiverRoi | None = None  # sample around each case's liver (a tumour stage); None: the whole volume
+    spacing: tuple[float, float, float] | None = None  # the data's spacing (z, y, x) mm when a case's properties lack it
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,8 @@ class _Case:
     seg: object
     prev: object | None
     index: CaseIndex
+    liver: Box | None = None  # with a ROI: the liver's bounding box (None: no liver, whole volume)
+    spacing: tuple[float, float, float] | None = None  # with a ROI: the case's spacing (mm)
 
 
 class BatchMaker:
@@ -82,21 +104,47 @@ class BatchMaker:
                 prev = blosc2.open(str(path), mode="r", dparams=blosc2.DParams(nthreads=1))
                 if tuple(prev.shape) != tuple(data.shape):
                     raise ValueError(f"{path}: shape {tuple(prev.shape)} differs from the case's {tuple(data.shape)}")
-            case = _Case(data, seg, prev, CaseIndex.from_properties(case_id, props, data.shape))
+            liver, spacing = (None, None) if self.spec.roi is None else self._liver(case_id, seg, props)
+            case = _Case(data, seg, prev, CaseIndex.from_properties(case_id, props, data.shape), liver, spacing)
             self._cases[case_id] = case
         return case
+
+    def _liver(self, case_id: str, seg, props: dict) -> tuple[Box | None, tuple[float, float, float]]:
+        """The liver's bounding box (labels 1 + 2) and the spacing its margin is measured in."""
+        raw = props.get("spacing") or self.spec.spacing
+        if raw is None or len(raw) != 3:
+            raise ValueError(f"{self.spec.folder / case_id}: no spacing in its properties or the loader's spec; the ROI margin needs it")
+        spacing = tuple(float(v) for v in raw)
+        box = liver_bbox(seg)
+        if box is None:
+            log.warning("case %s has no liver (labels 1, 2) in its label: its patches are sampled from the whole volume", case_id)
+        return box, spacing
+
+    def roi_box(self, case_id: str, rng: np.random.Generator) -> Box | None:
+        """One sample's jittered liver box of ``case_id`` (draws from ``rng``); None without a
+        ROI or when the case has no liver."""
+        roi = self.spec.roi
+        case = self._open(case_id)
+        if roi is None or case.liver is None:
+            return None
+        return jittered_box(case.liver, case.index.shape, case.spacing, roi.margin_mm, roi.jitter, rng)
 
     def sample(self, case_id: str, kind: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(data (C, *patch) float32, seg (S, *patch) uint8) of one patch; S = 1 (+1 cascade)."""
         spec = self.spec
         case = self._open(case_id)
         shape = case.index.shape
-        centre = choose_centre(case.index, kind, rng)
+        box = self.roi_box(case_id, rng) if spec.roi is not None else None
+        if box is None:
+            centre = choose_centre(case.index, kind, rng)
+        else:  # the sampling rules inside the box
+            inside = case.index.within(box)
+            centre = choose_centre(inside, available_kind(inside, kind), rng)
         draw = aug.draw_spatial(spec.settings, rng) if spec.settings is not None else None
         labels = [case.seg] + ([case.prev] if case.prev is not None else [])
         if spec.network_dims == 3:
             patch = spec.patch_size
-            start = patch_start(shape, patch, centre, rng)
+            start = patch_start(shape, patch, centre, rng) if box is None else roi_patch_start(shape, patch, box, centre, rng)
             if draw is None:
                 img = read_region(case.data, start, patch, spec.pad_value)[None]
                 seg = np.stack([read_region(a, start, patch, 0) for a in labels])
@@ -111,8 +159,12 @@ class BatchMaker:
             return aug.resample(img, seg, coords)
         # 2d / 2.5d: one slice (or k adjacent ones as channels) of (y, x)
         k = spec.in_slices
-        z = int(centre[0]) if centre is not None else int(rng.integers(shape[0]))
-        yx = patch_start(shape[1:], spec.patch_size, None if centre is None else centre[1:], rng)
+        if box is None:
+            z = int(centre[0]) if centre is not None else int(rng.integers(shape[0]))
+            yx = patch_start(shape[1:], spec.patch_size, None if centre is None else centre[1:], rng)
+        else:
+            z = int(centre[0]) if centre is not None else int(rng.integers(box[0][0], box[0][1]))
+            yx = roi_patch_start(shape[1:], spec.patch_size, box[1:], None if centre is None else centre[1:], rng)
         if draw is None:
             y_start, size = yx, np.asarray(spec.patch_size, dtype=np.int64)
         else:

@@ -3,6 +3,8 @@
 ``make_train_loader(...)`` returns a ``PatchLoader``: iterate it for batches
 ``dict(data=float32 (B, C, *patch), target=int64 (B, 1, *patch), tumour=bool (B,),
 forced=int8 (B,))`` (torch tensors), call ``close()`` or use it as a context manager.
+``roi=LiverRoi(margin_mm)`` (a two-stage design's tumour stage) cuts every patch around the
+case's liver box plus a randomly jittered margin (``autoliver.data.sampler``).
 
 Workers are a torch DataLoader over an IterableDataset (each worker makes whole batches from
 its own generator seeded by (seed, worker index); batches come back in worker order, so a
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import logging
 import os
 import signal
@@ -42,13 +43,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autoliver.core.errors import DataLoadingError, MissingArtefactError
-from autoliver.core.layout import PLANS
 from autoliver.data.augment import default_settings
 from autoliver.data.batches import PREV_SUFFIX, BatchMaker, BatchSpec, SampleError
-from autoliver.data.sampler import FOREGROUND, TUMOUR
-from autoliver.preprocess.normalise import air_pad_value
+from autoliver.data.sampler import FOREGROUND, TUMOUR, LiverRoi
+from autoliver.preprocess.runner import folder_pad_value
 from autoliver.preprocess.storage import case_done
-from planning.plans import Configuration, Normalisation
+from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
 
@@ -186,21 +186,15 @@ class PatchLoader:
 
 
 def default_pad_value(folder: Path) -> float:
-    """The normalised image's minimum (the clip_low of the plan's CT normalisation, i.e. air),
-    from ``<folder>/../plans.json``; 0 when there is none. Patches beyond the volume get it,
-    so they look like the air around the body rather than like liver (0 = the foreground mean)."""
-    path = Path(folder).parent / PLANS  # <preprocessed>/<dataset>/<data identifier> -> <dataset>/plans.json
-    try:
-        norm = Normalisation(**json.loads(path.read_text(encoding="utf-8"))["normalisation"])
-    except (OSError, ValueError, KeyError, TypeError):
-        log.debug("%s: no usable normalisation; padding images with 0", path)
-        return 0.0
-    return air_pad_value(norm)
+    """What patches beyond the volume are padded with: the folder's normalised air (recorded by
+    preprocessing; see ``autoliver.preprocess.runner.folder_pad_value``), so they look like the
+    air around the body rather than like liver."""
+    return folder_pad_value(folder)
 
 
 def _spec(folder: Path, case_ids: Sequence[str], config: Configuration, augment: bool, oversample_foreground: float,
           tumour_share: float | None, prev_stage_folder: Path | None, n_classes: int, pad_value: float | None,
-          batch_size: int | None, elastic: bool) -> BatchSpec:
+          batch_size: int | None, elastic: bool, roi: LiverRoi | None = None) -> BatchSpec:
     folder = Path(folder)
     if config.network_dims not in (2, 3) or len(config.patch_size) != config.network_dims:
         raise ValueError(f"configuration {config.name}: network_dims {config.network_dims} with patch {config.patch_size}")
@@ -221,6 +215,8 @@ def _spec(folder: Path, case_ids: Sequence[str], config: Configuration, augment:
         if absent:
             raise MissingArtefactError(f"{prev_stage_folder}: previous-stage predictions for {', '.join(absent[:5])} missing; "
                                        f"predict the {config.previous_stage or 'previous'} stage for these cases first")
+    if roi is not None and not isinstance(roi, LiverRoi):
+        raise TypeError(f"roi must be a LiverRoi or None, got {type(roi).__name__}")
     b = int(batch_size or config.batch_size)
     if b < 1:
         raise ValueError(f"batch_size must be >= 1, got {b}")
@@ -231,31 +227,35 @@ def _spec(folder: Path, case_ids: Sequence[str], config: Configuration, augment:
         settings=default_settings(config.patch_size, elastic=elastic) if augment else None,
         prev_stage_folder=None if prev_stage_folder is None else Path(prev_stage_folder), n_classes=int(n_classes),
         pad_value=default_pad_value(folder) if pad_value is None else float(pad_value),
+        roi=roi, spacing=None if roi is None else tuple(float(v) for v in config.spacing),
     )
 
 
 def make_train_loader(folder: Path, case_ids: list[str], config: Configuration, *, seed: int, n_workers: int,
                       augment: bool = True, oversample_foreground: float = 0.33, tumour_share: float | None = None,
                       prev_stage_folder: Path | None = None, n_classes: int = 3, pad_value: float | None = None,
-                      batch_size: int | None = None, elastic: bool = False, pin_memory: bool = False) -> PatchLoader:
+                      batch_size: int | None = None, elastic: bool = False, pin_memory: bool = False,
+                      roi: LiverRoi | None = None) -> PatchLoader:
     """Endless augmented batches of ``config``'s patches from the cases ``case_ids`` in ``folder``.
 
     ``tumour_share``: share of the forced-foreground samples of a case with tumour that are
     centred on a uniformly drawn tumour component (None: 0.5). ``batch_size`` overrides the
     plan's (e.g. per-rank batch in distributed training; give each rank its own seed).
+    ``roi``: sample inside each case's jittered liver box (a tumour stage: ``LiverRoi(config.roi_margin_mm)``);
+    None (default) samples the whole volume, exactly as without the argument.
     """
     spec = _spec(folder, case_ids, config, augment, oversample_foreground, tumour_share, prev_stage_folder,
-                 n_classes, pad_value, batch_size, elastic)
+                 n_classes, pad_value, batch_size, elastic, roi)
     return PatchLoader(spec, seed, n_workers, pin_memory=pin_memory)
 
 
 def make_val_loader(folder: Path, case_ids: list[str], config: Configuration, *, seed: int = 0, n_workers: int = 0,
                     oversample_foreground: float = 0.33, tumour_share: float | None = None,
                     prev_stage_folder: Path | None = None, n_classes: int = 3, pad_value: float | None = None,
-                    batch_size: int | None = None, pin_memory: bool = False) -> PatchLoader:
+                    batch_size: int | None = None, pin_memory: bool = False, roi: LiverRoi | None = None) -> PatchLoader:
     """Like ``make_train_loader`` without augmentation; a new loader with the same seed yields
     the same batches (e.g. one per epoch for the pseudo-Dice)."""
     spec = _spec(folder, case_ids, config, False, oversample_foreground, tumour_share, prev_stage_folder,
-                 n_classes, pad_value, batch_size, False)
+                 n_classes, pad_value, batch_size, False, roi)
     return PatchLoader(spec, seed, n_workers, pin_memory=pin_memory)
 

@@ -15,6 +15,14 @@ Per batch, at least ``oversample_foreground`` of the samples are forced to a for
 centre (the last ``ceil(share * B)`` samples; with B = 1 a Bernoulli draw, since a fixed
 count would be all or nothing); a forced sample of a case with tumour is a ``TUMOUR`` sample
 with probability ``tumour_share``. Only the patch region is read from the blosc2 arrays.
+
+ROI restriction (a two-stage design's tumour stage, ``LiverRoi``): each sample draws a box,
+the liver's bounding box (labels 1 + 2 of the ground truth, ``liver_bbox``) grown by
+``margin_mm`` and then each face moved by a uniform random amount in +-``jitter_mm``
+(``jittered_box``; converted to voxels with the case's spacing and clipped to the volume).
+The patch's centre voxel (``start + size // 2``) lies inside that box (``roi_patch_start``),
+so the patch overlaps it; foreground and tumour centres are drawn among the locations inside
+the box (``CaseIndex.within``). A case without liver is sampled from the whole volume.
 """
 
 from __future__ import annotations
@@ -27,6 +35,31 @@ import numpy as np
 
 RANDOM, FOREGROUND, TUMOUR = 0, 1, 2
 LIVER_KEY, TUMOUR_KEY = "1", "2"
+LIVER_LABELS = (1, 2)  # the liver structure: liver and tumour
+BBOX_SLAB = 16  # slices decoded at a time when finding the liver's box
+
+Box = tuple[tuple[int, int], ...]  # half-open (lo, hi) per axis, (z, y, x)
+
+
+@dataclass(frozen=True)
+class LiverRoi:
+    """Sample a case's patches around its liver: the liver's bounding box (labels 1 + 2 of
+    the ground truth) plus ``margin_mm`` on every side, each face moved per sample by a
+    uniform random amount in +-``jitter_mm`` (None: half the margin)."""
+
+    margin_mm: float
+    jitter_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(float(self.margin_mm)) and float(self.margin_mm) >= 0):
+            raise ValueError(f"LiverRoi: margin_mm must be a finite number >= 0, got {self.margin_mm}")
+        if self.jitter_mm is not None and not (math.isfinite(float(self.jitter_mm)) and float(self.jitter_mm) >= 0):
+            raise ValueError(f"LiverRoi: jitter_mm must be a finite number >= 0 (or None), got {self.jitter_mm}")
+
+    @property
+    def jitter(self) -> float:
+        """The jitter in mm (half the margin when not given)."""
+        return 0.5 * float(self.margin_mm) if self.jitter_mm is None else float(self.jitter_mm)
 
 
 @dataclass(frozen=True)
@@ -41,6 +74,18 @@ class CaseIndex:
     @property
     def has_tumour(self) -> bool:
         return len(self.components) > 0
+
+    def within(self, box: Box) -> "CaseIndex":
+        """The locations inside ``box`` (tumour components keep their voxels inside it; a
+        component with none left is dropped)."""
+        lo = np.asarray([a for a, _ in box], dtype=np.int64)
+        hi = np.asarray([b for _, b in box], dtype=np.int64)
+
+        def keep(a: np.ndarray) -> np.ndarray:
+            return a[np.all((a >= lo) & (a < hi), axis=1)] if len(a) else a
+
+        comps = tuple(c for c in (keep(c) for c in self.components) if len(c))
+        return CaseIndex(self.case_id, self.shape, keep(self.foreground), comps)
 
     @classmethod
     def from_properties(cls, case_id: str, props: dict, shape: Sequence[int]) -> "CaseIndex":
@@ -75,6 +120,16 @@ def choose_kind(index: CaseIndex, forced: bool, tumour_share: float, rng: np.ran
     if len(index.foreground):
         return FOREGROUND
     return TUMOUR if index.has_tumour else RANDOM
+
+
+def available_kind(index: CaseIndex, kind: int) -> int:
+    """``kind`` if ``index`` has locations for it, else the next one that has (TUMOUR ->
+    FOREGROUND -> RANDOM); for an index restricted to a box."""
+    if kind == TUMOUR and not index.has_tumour:
+        kind = FOREGROUND
+    if kind == FOREGROUND and not len(index.foreground):
+        kind = TUMOUR if index.has_tumour else RANDOM
+    return kind
 
 
 def choose_centre(index: CaseIndex, kind: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -131,3 +186,79 @@ def read_region(array, start: Sequence[int], size: Sequence[int], pad_value: flo
     dst = tuple(slice(0, size[ax]) if ax in clamp_axes else slice(lo[ax] - start[ax], hi[ax] - start[ax]) for ax in range(len(size)))
     out[dst] = sub
     return out
+
+
+def liver_bbox(seg, labels: Sequence[int] = LIVER_LABELS, slab: int = BBOX_SLAB) -> Box | None:
+    """Exact bounding box (half-open, (z, y, x)) of the voxels of ``seg`` holding one of
+    ``labels``, reading ``slab`` slices at a time (a blosc2 array is never decoded whole);
+    None when there are none."""
+    shape = tuple(int(s) for s in seg.shape)
+    z_hit: list[int] = []
+    y_any = np.zeros(shape[1], dtype=bool)
+    x_any = np.zeros(shape[2], dtype=bool)
+    for z0 in range(0, shape[0], slab):
+        mask = np.isin(np.asarray(seg[z0 : z0 + slab]), labels)
+        rows = mask.any(axis=(1, 2))
+        if not rows.any():
+            continue
+        z_hit.extend(int(z0 + i) for i in np.flatnonzero(rows))
+        y_any |= mask.any(axis=(0, 2))
+        x_any |= mask.any(axis=(0, 1))
+    if not z_hit:
+        return None
+    ys, xs = np.flatnonzero(y_any), np.flatnonzero(x_any)
+    return ((z_hit[0], z_hit[-1] + 1), (int(ys[0]), int(ys[-1]) + 1), (int(xs[0]), int(xs[-1]) + 1))
+
+
+def jittered_box(bbox: Box, shape: Sequence[int], spacing: Sequence[float], margin_mm: float, jitter_mm: float,
+                 rng: np.random.Generator) -> Box:
+    """``bbox`` grown by the margin on every side, then each of its 6 faces moved by a uniform
+    random amount in [-``jitter_mm``, +``jitter_mm``] (one draw of 6 numbers from ``rng``).
+
+    In voxels of ``spacing`` (z, y, x) mm: the margin is ``ceil(margin_mm / spacing)`` (the
+    box inference uses), a face's move ``rint(u * jitter_mm / spacing)`` with u uniform in
+    [-1, 1] (symmetric: as often in as out). The box is clipped to the volume ``shape`` and
+    keeps at least one voxel along each axis.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(spacing > 0):
+        raise ValueError(f"spacing must be 3 positive numbers (z, y, x) mm, got {spacing.tolist()}")
+    move = np.rint(rng.uniform(-1.0, 1.0, size=(2, 3)) * (float(jitter_mm) / spacing)).astype(np.int64)
+    margin = np.ceil(float(margin_mm) / spacing - 1e-9).astype(np.int64)
+    out = []
+    for axis in range(3):
+        (a, b), n = bbox[axis], int(shape[axis])
+        lo = max(int(a - margin[axis] + move[0, axis]), 0)
+        hi = min(int(b + margin[axis] + move[1, axis]), n)
+        if hi <= lo:  # a jitter larger than the margin closed the box: keep the liver box's middle voxel
+            lo = min(max((a + b - 1) // 2, 0), n - 1)
+            hi = lo + 1
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def roi_patch_start(shape: Sequence[int], size: Sequence[int], box: Sequence[Sequence[int]], centre: Sequence[int] | None,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Start corner of a patch whose centre voxel (``start + size // 2``) lies in ``box`` (per
+    axis, half-open, same axes as ``shape``). Within that, the start keeps to
+    ``patch_start``'s bounds (the patch inside the volume) where the box allows; where it
+    does not (a box at the volume's edge), the patch overhangs the volume as little as the
+    box allows. With a ``centre`` (a voxel inside ``box``) the patch is centred there and
+    clipped to these bounds (the voxel stays inside the patch); without, the start is
+    uniform within them."""
+    shape, size = np.asarray(shape, dtype=np.int64), np.asarray(size, dtype=np.int64)
+    need = np.maximum(size - shape, 0)
+    lo = -(need // 2)
+    hi = shape + need // 2 + need % 2 - size
+    half = size // 2
+    c_lo = np.asarray([int(a) for a, _ in box], dtype=np.int64) - half
+    c_hi = np.asarray([int(b) for _, b in box], dtype=np.int64) - 1 - half
+    if np.any(c_hi < c_lo):
+        raise ValueError(f"empty box {list(box)}")
+    s_lo, s_hi = np.maximum(lo, c_lo), np.minimum(hi, c_hi)
+    empty = s_lo > s_hi
+    nearest = np.where(c_lo > hi, c_lo, c_hi)  # no overlap: the box-allowed start closest to the volume's bounds
+    s_lo, s_hi = np.where(empty, nearest, s_lo), np.where(empty, nearest, s_hi)
+    if centre is None:
+        return np.array([int(rng.integers(a, b + 1)) for a, b in zip(s_lo, s_hi)], dtype=np.int64)
+    return np.clip(np.asarray(centre, dtype=np.int64) - half, s_lo, s_hi)

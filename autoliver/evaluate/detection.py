@@ -125,6 +125,8 @@ def match_lesions(pred_labels: np.ndarray, n_pred: int, ref_labels: np.ndarray, 
     for r, p in zip(touched.tolist(), owner.tolist()):
         groups.setdefault(p, []).append(r)
     group_list = [groups[p] for p in sorted(groups)]
+    if not group_list:  # lesions on both sides, none touching: every one unmatched
+        return DetectionResult(n_ref=n_ref, n_pred=n_pred, matches=())
     group_inter = np.stack([inter[:, g].sum(axis=1) for g in group_list], axis=1)  # (n_pred, n_groups)
     # 3. each touching prediction goes to the group it overlaps most
     assigned: dict[int, list[int]] = {}

@@ -33,7 +33,7 @@ from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.checkpoint import load_checkpoint
 from autoliver.io.images import Geometry
 from autoliver.preprocess.case import iter_preprocessed
-from autoliver.preprocess.normalise import air_pad_value
+from autoliver.preprocess.normalise import pad_value_for
 from autoliver.preprocess.properties import CaseProperties
 from autoliver.preprocess.resample import resample_probabilities
 from planning.plans import Configuration, Plans
@@ -169,7 +169,7 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
         networks.append(FoldNetwork(fold, path, int(state["epoch"]), network))
         log.info("loaded %s (epoch %d)", path, int(state["epoch"]))
     config = plans.configurations[name]
-    pad_value = air_pad_value(plans.normalisation)
+    pad_value = pad_value_for(plans, config.data_identifier)
     previous = None
     if config.previous_stage:
         have_all = all(_fold_checkpoint(paths.fold(config.previous_stage, f).root) is not None for f in wanted)

@@ -11,6 +11,15 @@ whose normalisation would overflow float16 falls back to float32, with a warning
 the original geometry, the crop box and the shape after cropping; plus foreground sampling
 locations in the preprocessed grid: up to ``N_LOCATIONS`` voxels per class, and a few voxels
 of every tumour component so that small tumours are sampled by the data loader too.
+
+A data identifier with voxel-changing options (``plans.data_preprocessing``, a recipe's data
+folder) runs crop -> resample HU to its target spacing (``inplane_factor`` is already in that
+spacing) -> ``intensity.apply_options`` (smoothing -> intensity mapping -> histogram
+equalisation / CLAHE, in the target grid, as the papers describe). A planned identifier keeps
+crop -> CT normalisation -> resample, bit for bit. Labels are resampled alike for both, and
+the properties record the options, their hash (``preprocessing_hash``: the runner redoes a
+case made with other options) and ``pad_value`` (``normalise.pad_value_for``; for a per-image
+z-score, the minimum of the case's data).
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import numpy as np
 from scipy import ndimage
 
 from autoliver.io.images import Geometry
-from autoliver.preprocess.normalise import normalise_ct
+from autoliver.preprocess.intensity import apply_options, needs_body_mask, options_for, options_hash
+from autoliver.preprocess.normalise import pad_is_recorded, pad_value_for
 from autoliver.preprocess.properties import CaseProperties
 from autoliver.preprocess.resample import (
     axis_weights,
@@ -31,7 +41,7 @@ from autoliver.preprocess.resample import (
     resample_labels,
     resample_to_shape,
 )
-from planning.crop import bbox_of, body_bbox, box_shape, crop
+from planning.crop import BODY_THRESHOLD_HU, bbox_of, body_bbox, box_shape, crop
 from planning.plans import Plans
 
 log = logging.getLogger(__name__)
@@ -45,11 +55,8 @@ FLOAT16_SAFE = 60000.0
 CHUNK_SLICES_VOXELS = 1024 * 1024  # output voxels per chunk when mapping probabilities back
 
 
-def crop_and_normalise(image: np.ndarray, label: np.ndarray | None, plans: Plans):
-    """Crop image (and label) to the body box and normalise the image.
-
-    Returns (normalised float32 image, cropped uint8 label or None, box).
-    """
+def crop_to_body(image: np.ndarray, label: np.ndarray | None):
+    """Crop image (and label) to the body box. Returns (image view, cropped uint8 label or None, box)."""
     if image.ndim != 3:
         raise ValueError(f"expected a 3D (Z, Y, X) image, got shape {image.shape}")
     if label is not None:
@@ -60,9 +67,18 @@ def crop_and_normalise(image: np.ndarray, label: np.ndarray | None, plans: Plans
                 raise ValueError(f"label values must lie in [0, 255], got [{label.min()}, {label.max()}]")
             label = label.astype(np.uint8)
     box = body_bbox(image, label)
-    data = normalise_ct(crop(image, box), plans.normalisation)
     seg = None if label is None else np.ascontiguousarray(crop(label, box))
-    return data, seg, box
+    return crop(image, box), seg, box
+
+
+def crop_and_normalise(image: np.ndarray, label: np.ndarray | None, plans: Plans):
+    """Crop image (and label) to the body box and normalise the image (a planned identifier:
+    the CT normalisation happens before resampling).
+
+    Returns (normalised float32 image, cropped uint8 label or None, box).
+    """
+    cropped, seg, box = crop_to_body(image, label)
+    return apply_options(cropped, {}, plans.normalisation), seg, box
 
 
 def _data_dtype(data: np.ndarray):
@@ -124,18 +140,64 @@ def resample_cropped(data: np.ndarray, seg: np.ndarray | None, spacing: Sequence
     return out, out_seg
 
 
+def resample_hu(cropped: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """Cropped HU -> float32 in the target grid, with the interpolation ``resample_cropped``
+    uses (cubic in-plane, cubic or, when anisotropic, linear along z, overshoot clipped to the
+    input's HU range)."""
+    shape = new_shape_for(cropped.shape, spacing, target)
+    if shape == tuple(cropped.shape):
+        return np.array(cropped, dtype=np.float32)
+    order_z = 1 if is_anisotropic(spacing, target) else 3
+    return resample_to_shape(cropped, shape, 3, order_z, np.float32, clip_to_input_range=True)
+
+
+def _with_options(cropped: np.ndarray, cropped_seg: np.ndarray | None, spacing: Sequence[float], target: Sequence[float],
+                  options: dict, plans: Plans, cache: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """A derived identifier: resample HU to ``target``, then ``apply_options`` there; the
+    label resampled as for a planned identifier. ``cache`` keeps the last resampled HU (and
+    its body mask), shared by identifiers of the same spacing."""
+    key = tuple(float(t) for t in target)
+    if cache.get("key") != key:
+        cache.clear()
+        cache.update(key=key, hu=resample_hu(cropped, spacing, target), body=None)
+    hu = cache["hu"]
+    body = None
+    if needs_body_mask(options):
+        if cache["body"] is None:
+            cache["body"] = hu > np.float32(BODY_THRESHOLD_HU)
+        body = cache["body"]
+    data = apply_options(hu, options, plans.normalisation, body)
+    out = data.astype(_data_dtype(data), copy=False)
+    out_seg = None if cropped_seg is None else resample_labels(cropped_seg, data.shape)
+    return out, out_seg
+
+
 def iter_preprocessed(image: np.ndarray, geometry: Geometry, label: np.ndarray | None, plans: Plans,
                       data_identifiers: Sequence[str], seed: int = 0) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, dict]]:
-    """Crop and normalise once, then yield (identifier, data, seg, properties) per identifier."""
+    """Crop once, then yield (identifier, data, seg, properties) per identifier.
+
+    A planned identifier (no ``plans.data_preprocessing`` entry): the cropped image is
+    CT-normalised once (shared by every planned identifier), then resampled. An identifier
+    with options: the cropped HU is resampled to its spacing, then smoothed / mapped /
+    equalised there (``intensity.apply_options``). Labels are resampled alike in both.
+    """
     if tuple(image.shape) != tuple(geometry.shape):
         raise ValueError(f"image shape {image.shape} differs from its geometry's {geometry.shape}")
     unknown = [d for d in data_identifiers if d not in plans.data_spacings]
     if unknown:
         raise ValueError(f"data identifiers {unknown} not in the plan (has {sorted(plans.data_spacings)})")
-    cropped, cropped_seg, box = crop_and_normalise(image, label, plans)
+    cropped_hu, cropped_seg, box = crop_to_body(image, label)
+    normalised = None  # the planned identifiers' normalised crop, made on first use
+    cache: dict = {}
     for ident in data_identifiers:
         target = tuple(float(s) for s in plans.data_spacings[ident])
-        data, seg = resample_cropped(cropped, cropped_seg, geometry.spacing, target)
+        options = options_for(plans, ident)
+        if options:
+            data, seg = _with_options(cropped_hu, cropped_seg, geometry.spacing, target, options, plans, cache)
+        else:
+            if normalised is None:
+                normalised = apply_options(cropped_hu, {}, plans.normalisation)
+            data, seg = resample_cropped(normalised, cropped_seg, geometry.spacing, target)
         props = {
             "geometry": geometry.to_json(),
             "crop_box": [list(b) for b in box],
@@ -147,12 +209,16 @@ def iter_preprocessed(image: np.ndarray, geometry: Geometry, label: np.ndarray |
             "data_dtype": str(data.dtype),
             "seed": int(seed),
             "n_locations": N_LOCATIONS,
+            "preprocessing": options,
+            "preprocessing_hash": options_hash(options),
+            "pad_value": float(data.min()) if pad_is_recorded(plans, ident) and data.size else pad_value_for(plans, ident),
         }
         if seg is not None:
             rng = np.random.default_rng(seed)
             props["class_locations"] = class_locations(seg, rng)
             props["tumour_components"] = component_locations(seg, rng)
         yield ident, data, seg, props
+    cache.clear()
 
 
 def preprocess_case(image: np.ndarray, geometry: Geometry, label: np.ndarray | None, plans: Plans,

@@ -1,0 +1,94 @@
+"""Every recipe end to end on phantoms: its configurations are added to a planned dataset, their
+data folders preprocessed, a few training iterations run, and prediction writes a label map in
+exactly the input's geometry; ``autoliver compare`` scores and measures them side by side."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from autoliver import api
+from autoliver.core.layout import Workspace
+from autoliver.infer.runner import PredictOptions
+from autoliver.io.images import read_image
+from autoliver.selection.compare import CompareOptions, compare_configurations, table
+from autoliver.train.options import TrainOptions
+from autoliver.train.setup import train_fold
+from planning.plans import Plans
+from planning.recipes import RECIPES
+from tests.helpers import DATASET, build_tiny_workspace
+
+pytestmark = pytest.mark.slow
+TINY = {"network_options": {"base_features": 4}}
+FAST = TrainOptions(epochs=1, iters_per_epoch=2, val_iters=1, n_workers=0, device="cpu", progress=False, threads=1)
+NO_VALIDATION = TrainOptions(epochs=1, iters_per_epoch=2, val_iters=1, n_workers=0, device="cpu", progress=False, threads=1,
+                             final_validation=False)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    ws = build_tiny_workspace(tmp_path_factory.mktemp("recipes") / "ws", n_cases=3, shape=(12, 40, 40), lowres=False)
+    for name in RECIPES:
+        fixed = RECIPES[name].variants[0].patch_size
+        overrides = {**TINY, "patch_size": [32, 32]} if fixed else TINY
+        api.add_configuration(DATASET, ws, [name], overrides, api.StageOptions(progress=False))
+    return ws
+
+
+def test_recipes_are_added_with_their_own_data_folders(ws):
+    plans = Plans.load(ws.dataset(DATASET).plans)
+    for name, recipe in RECIPES.items():
+        for cname in recipe.configuration_names:
+            c = plans.configurations[cname]
+            assert c.recipe == name and c.network == recipe.variants[0].network
+            assert (ws.dataset(DATASET).data(c.data_identifier) / "dataset_properties.json").is_file()
+    assert plans.configurations["dualpath3d"].spacing[1] == 2 * plans.configurations["3d_fullres"].spacing[1]
+    # adding recipes leaves the planned configurations' hashes alone (their trained folds stay valid)
+    assert plans.configuration_hash("2d") == Plans.load(ws.dataset(DATASET).plans).configuration_hash("2d")
+
+
+@pytest.mark.parametrize("config", [c for r in RECIPES.values() for c in r.configuration_names])
+def test_each_recipe_configuration_trains_and_predicts_in_the_input_geometry(ws, config, tmp_path):
+    result = train_fold(ws.dataset(DATASET), config, 0, NO_VALIDATION)
+    assert np.isfinite(result.history[-1]["train_loss"])
+    image = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[0]
+    summary = api.predict(image, tmp_path / "out", ws, dataset_spec=DATASET, configuration=config, folds=["0"], device="cpu",
+                          options=PredictOptions(tta=False, progress=False, roi=False))
+    assert not summary.failed
+    case = image.name[: -len("_0000.nii.gz")]
+    seg, geometry = read_image(tmp_path / "out" / f"{case}.nii.gz")
+    _, source = read_image(image)
+    assert geometry == source and seg.dtype == np.uint8 and set(np.unique(seg)) <= {0, 1, 2}
+    report = json.loads((tmp_path / "out" / f"{case}.json").read_text())
+    assert report["configuration"] == [config] or config in json.dumps(report["configuration"])
+
+
+def test_compare_scores_and_measures_every_configuration(ws):
+    configs = ["2d", "resnet50_unet", "unet2d_clahe"]
+    calls = []
+
+    def train(paths, configuration, fold, options):
+        calls.append((configuration, fold, options.budget_minutes))
+        train_fold(paths, configuration, fold, FAST)
+        return 0.5
+
+    options = CompareOptions(budget_minutes=0.2, folds=(1,), isolate=False, progress=False)  # fold 1: not trained above
+    result = compare_configurations(ws.dataset(DATASET), configs, options, train=train)
+    assert calls == [(c, 1, 0.2) for c in configs]  # the same budget and fold for each
+    rows = {r["configuration"]: r for r in result["rows"]}
+    assert set(rows) == set(configs)
+    for r in rows.values():
+        assert 0 <= r["liver_dice"] <= 1 and r["parameters"] > 0 and r["gflops_per_patch"] > 0
+        assert r["train_samples_per_s"] > 0 and r["inference_s_per_case"] > 0 and r["peak_memory_gib"] == 0.5
+        assert r["cases"] == len(result["per_case"][r["configuration"]]) >= 1
+    out = ws.dataset(DATASET).model.root / "compare"
+    assert (out / "compare.csv").read_text().count("\n") == len(configs) + 1
+    assert "| resnet50_unet |" in table(result)
+    again = compare_configurations(ws.dataset(DATASET), configs, options, train=train)  # resumes: nothing trained again
+    assert len(calls) == len(configs) and [r["liver_dice"] for r in again["rows"]] == [r["liver_dice"] for r in result["rows"]]
+    from autoliver.report.compare_page import render_compare
+
+    page = render_compare(result)
+    assert "resnet50_unet" in page and "<script" not in page and "data:image/png;base64," in page
