@@ -184,3 +184,27 @@ def test_box_grows_to_the_patch_inside_the_volume():
     assert stage_context(c) == (0, 0, 0) and stage_context(config("2.5d")) == (1, 0, 0)
     with pytest.raises(ValueError):
         liver_roi_box(labels, SPACING, -1.0)
+
+
+def test_fused_probabilities_follow_the_two_stage_rule():
+    import torch
+
+    from autoliver.infer.two_stage import TwoStageResult, fuse_probabilities
+
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(rng.dirichlet([1, 1, 1], size=(6, 10, 10)).transpose(3, 0, 1, 2).astype(np.float32).copy())
+    labels = p.argmax(0).numpy().astype(np.uint8)
+    box = ((1, 5), (2, 8), (2, 8))
+    q = torch.from_numpy(rng.dirichlet([1, 1, 1], size=(4, 6, 6)).transpose(3, 0, 1, 2).astype(np.float32).copy())
+    fused = fuse_probabilities(p, TwoStageResult(labels, q, box))
+    assert torch.allclose(fused.sum(0), torch.ones(6, 10, 10), atol=1e-5) and torch.equal(fused[0], p[0])
+    liver = np.isin(labels, (1, 2))
+    inside = np.zeros_like(liver)
+    inside[1:5, 2:8, 2:8] = True
+    tumour = fused.argmax(0).numpy() == 2
+    assert not (tumour & ~(liver & inside)).any()  # never tumour outside the liver stage's liver and the box
+    share = (q[2] / (q[1] + q[2])).numpy()
+    expect = liver[1:5, 2:8, 2:8] & (share > 0.5) & ((p[1] + p[2]).numpy()[1:5, 2:8, 2:8] * share > p[0].numpy()[1:5, 2:8, 2:8])
+    assert np.array_equal(tumour[1:5, 2:8, 2:8], expect)
+    no_liver = fuse_probabilities(p, TwoStageResult(labels, None, None))
+    assert not (no_liver.argmax(0) == 2).any()

@@ -33,9 +33,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoliver.core.labels import STRUCTURES
+
 RANDOM, FOREGROUND, TUMOUR = 0, 1, 2
 LIVER_KEY, TUMOUR_KEY = "1", "2"
-LIVER_LABELS = (1, 2)  # the liver structure: liver and tumour
+LIVER_LABELS = STRUCTURES["liver"]  # the liver structure: liver and tumour
 BBOX_SLAB = 16  # slices decoded at a time when finding the liver's box
 
 Box = tuple[tuple[int, int], ...]  # half-open (lo, hi) per axis, (z, y, x)

@@ -59,13 +59,13 @@ class Ensemble:
 
     @property
     def folds(self) -> dict[str, list[str]]:
-        """configuration -> fold names (a cascade's previous stage included)."""
+        """configuration -> fold names (a cascade's previous stage and a tumour stage's liver stage included)."""
         out: dict[str, list[str]] = {}
-        for m in self.models:
-            stage: Model | None = m
-            while stage is not None:
-                out.setdefault(stage.configuration.name, list(stage.fold_names))
-                stage = stage.previous
+        todo: list[Model] = list(self.models)
+        while todo:
+            stage = todo.pop(0)
+            out.setdefault(stage.configuration.name, list(stage.fold_names))
+            todo += [s for s in (stage.previous, stage.liver) if s is not None]
         return out
 
     @property

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from autoliver.core.device import select_device
-from autoliver.core.errors import CheckpointError, MissingArtefactError, StaleArtefactError, UsageError
+from autoliver.core.errors import CheckpointError, MissingArtefactError, PlanError, StaleArtefactError, UsageError
 from autoliver.core.layout import CHECKPOINTS, FoldPaths, ModelPaths, fold_name, fold_of
 from autoliver.infer.precision import autocast_dtype
 from autoliver.infer.sliding_window import argmax_labels, tile_starts
@@ -65,6 +65,7 @@ class Model:
     pad_value: float
     autocast: torch.dtype | None = None  # network precision (None: float32)
     previous: "Model | None" = None  # cascade: the stage whose prediction is extra input
+    liver: "Model | None" = None  # a two-stage design's tumour stage: the stage that finds the liver
 
     @property
     def fold_names(self) -> tuple[str, ...]:
@@ -74,7 +75,10 @@ class Model:
     def data_identifiers(self) -> tuple[str, ...]:
         """Preprocessed grids this model reads (its own and its previous stage's)."""
         own = (self.configuration.data_identifier,)
-        return own if self.previous is None else tuple(dict.fromkeys(self.previous.data_identifiers + own))
+        for stage in (self.previous, self.liver):
+            if stage is not None:
+                own = tuple(dict.fromkeys(stage.data_identifiers + own))
+        return own
 
 
 def find_plans(model_dir: Path) -> Path:
@@ -174,8 +178,14 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
     if config.previous_stage:
         have_all = all(_fold_checkpoint(paths.fold(config.previous_stage, f).root) is not None for f in wanted)
         previous = load_model(model_dir, config.previous_stage, wanted if have_all else None, device, precision)
+    liver = None
+    if config.stage == "tumour":
+        if not config.liver_stage or config.liver_stage not in plans.configurations:
+            raise PlanError(f"{plans_path}: tumour stage {name} names no planned liver stage ({config.liver_stage!r}); add its recipe again")
+        have_all = all(_fold_checkpoint(paths.fold(config.liver_stage, f).root) is not None for f in wanted)
+        liver = load_model(model_dir, config.liver_stage, wanted if have_all else None, device, precision)
     return Model(model_dir, plans, config, tuple(networks), arch or "unet", n_classes, device, pad_value,
-                 autocast_dtype(precision, device), previous)
+                 autocast_dtype(precision, device), previous, liver)
 
 
 def mirrored(predictor, spatial_axes: Sequence[int]):
@@ -273,6 +283,8 @@ def model_probabilities(model: Model, prepared: dict[str, tuple[np.ndarray, dict
     ``prev_labels`` (its previous stage's labels in this grid) is computed when not given.
     """
     data = prepared[model.configuration.data_identifier][0]
+    if model.liver is not None:
+        return _two_stage_probabilities(model, prepared, box, tta, step)
     region, starts = (None, None) if box is None else aligned_tiling(data.shape, box, model.configuration, step)
     prev_seg = None
     if model.previous is not None:
@@ -284,6 +296,22 @@ def model_probabilities(model: Model, prepared: dict[str, tuple[np.ndarray, dict
         return probs
     inner = tuple((a - r0, b - r0) for (a, b), (r0, _) in zip(box, region))
     return crop_box(probs, inner).contiguous()
+
+
+def _two_stage_probabilities(model: Model, prepared: dict, box: Box | None, tta: bool, step: float) -> torch.Tensor:
+    """A tumour stage with its liver stage (``autoliver.infer.two_stage``): the liver stage over
+    the whole volume, the tumour stage only on the liver's box, fused into one probability map."""
+    from autoliver.infer.two_stage import fuse_probabilities, stage_context, stage_min_size, two_stage_predict
+
+    config = model.configuration
+    data = prepared[config.data_identifier][0]
+    liver_probs = model_probabilities(model.liver, prepared, None, tta, step)
+    if tuple(liver_probs.shape[1:]) != tuple(data.shape):
+        liver_probs = torch.from_numpy(resample_probabilities(liver_probs.numpy(), data.shape))
+    result = two_stage_predict(argmax_labels(liver_probs), data, lambda crop: predict_preprocessed(model, crop[0], tta=tta, step=step),
+                               config.spacing, config.roi_margin_mm, min_size=stage_min_size(config), context=stage_context(config))
+    fused = fuse_probabilities(liver_probs, result)
+    return fused if box is None else crop_box(fused, box).contiguous()
 
 
 def preprocess_for(model, image: np.ndarray, geometry: Geometry) -> dict[str, tuple[np.ndarray, CaseProperties]]:

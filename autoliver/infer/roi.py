@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from autoliver.core.labels import STRUCTURES
 from autoliver.infer.predictor import Box, Model
 from autoliver.infer.sliding_window import Window, _pad_to, argmax_labels, predict_slicewise, tile_starts
 from autoliver.infer.volume import make_predictor
 
 log = logging.getLogger(__name__)
 
-LIVER_LABELS = (1, 2)
+LIVER_LABELS = STRUCTURES["liver"]
 MARGIN_MM = 20.0
 COARSE_SLICE_MM = 10.0
 BLOCK_MM = 4.0

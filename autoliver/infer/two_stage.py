@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from autoliver.data.sampler import LIVER_LABELS, liver_bbox
+from autoliver.core.labels import LIVER, STRUCTURES, TUMOUR
+from autoliver.data.sampler import liver_bbox
 from autoliver.infer.sliding_window import argmax_labels
 from autoliver.infer.volume import predict_volume
 from autoliver.preprocess.resample import resample_labels
@@ -39,7 +40,6 @@ from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
 
-LIVER, TUMOUR = 1, 2
 Box = tuple[tuple[int, int], ...]  # half-open ((z0, z1), (y0, y1), (x0, x1)) in the tumour stage's grid
 # the tumour stage on a crop: (C, z, y, x) float32 image -> (n_classes, z, y, x) probabilities
 CropPredictor = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
@@ -87,7 +87,7 @@ def liver_roi_box(labels: np.ndarray, spacing: Sequence[float], margin_mm: float
         raise ValueError(f"the ROI margin must be a finite number >= 0 mm, got {margin_mm}")
     if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive numbers (z, y, x) mm, got {list(spacing)}")
-    bbox = liver_bbox(labels, LIVER_LABELS)
+    bbox = liver_bbox(labels, STRUCTURES["liver"])
     if bbox is None:
         return None
     box = []
@@ -150,7 +150,7 @@ def two_stage_predict(liver_labels: np.ndarray, data: np.ndarray, predict: CropP
     inside = tuple(slice(a, b) for a, b in box)
     tumour = argmax_labels(probs) == TUMOUR
     out = labels.astype(np.uint8, copy=True)
-    liver = np.isin(out, LIVER_LABELS)
+    liver = np.isin(out, STRUCTURES["liver"])
     out[liver] = LIVER  # the liver stage's tumour is the tumour stage's call
     out_box, liver_box = out[inside], liver[inside]  # views
     out_box[liver_box & tumour] = TUMOUR
@@ -173,3 +173,24 @@ def window_predictor(tile_predictor: Callable[[torch.Tensor], torch.Tensor], con
         return predict_volume(tile_predictor, crop[0], config, n_classes, dev, step, pad_value=pad_value)
 
     return predict
+
+
+def fuse_probabilities(liver_probs: torch.Tensor, result: TwoStageResult) -> torch.Tensor:
+    """Full-grid class probabilities of the two-stage design, from the liver stage's
+    probabilities (C, Z, Y, X) in the tumour stage's grid and ``two_stage_predict``'s result:
+    background keeps the liver stage's probability; the foreground probability (liver + tumour)
+    is split between liver and tumour as the tumour stage splits it, inside the liver stage's
+    liver and the box; elsewhere it is all liver (no tumour outside the liver). So ensembles
+    and cross-validation average two-stage members like any other model."""
+    p = liver_probs.clone()
+    fg = p[LIVER] + p[TUMOUR]
+    liver = torch.from_numpy(np.isin(result.labels, STRUCTURES["liver"]))
+    share = torch.zeros_like(fg)
+    if result.box is not None and result.probabilities is not None:
+        inside = tuple(slice(a, b) for a, b in result.box)
+        q = result.probabilities
+        share[inside] = q[TUMOUR] / (q[LIVER] + q[TUMOUR]).clamp_min(1e-6)
+    share = torch.where(liver, share, torch.zeros_like(share))
+    p[TUMOUR] = fg * share
+    p[LIVER] = fg - p[TUMOUR]
+    return p

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoliver.core.labels import LIVER, TUMOUR
 from autoliver.io.images import Geometry
 from autoliver.preprocess.intensity import apply_options, needs_body_mask, options_for, options_hash
 from autoliver.preprocess.normalise import pad_is_recorded, pad_value_for
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 N_LOCATIONS = 10000  # sampled voxels per class
 PER_COMPONENT = 10  # sampled voxels per tumour component
 TUMOUR_LABEL = 2
-SAMPLED_CLASSES = (1, 2)  # liver, tumour
+SAMPLED_CLASSES = (LIVER, TUMOUR)
 DATA_DTYPE = np.float16
 FLOAT16_SAFE = 60000.0
 CHUNK_SLICES_VOXELS = 1024 * 1024  # output voxels per chunk when mapping probabilities back
