@@ -228,6 +228,15 @@ def add_configuration(dataset_spec: str | Path, workspace: Workspace, recipes: l
     return summary
 
 
+def write_splits(dataset_spec: str | Path, workspace: Workspace, n_folds: int, overwrite: bool = False) -> Path:
+    """Write ``results/<dataset>/splits.json`` with ``n_folds`` folds of the raw dataset's training cases."""
+    from autoliver.train.splits import write_new_splits
+
+    dataset = validate(dataset_spec, workspace, StageOptions(progress=False))
+    _, path = write_new_splits(workspace.dataset(dataset.name).results, [c.case_id for c in dataset.training], n_folds, overwrite)
+    return path
+
+
 def train(dataset_spec: str | Path, configuration: str, fold: int | str, workspace: Workspace, options: TrainOptions | None = None,
           dist=None, components=None):
     """Train one fold of one configuration (see ``autoliver.train.setup.train_fold``)."""
@@ -381,4 +390,5 @@ __all__ = [
     "find_best_configuration",
     "postprocess",
     "compare",
+    "write_splits",
 ]

@@ -108,6 +108,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_splits(args: argparse.Namespace) -> int:
+    from autoliver import api
+
+    path = api.write_splits(_dataset(args), _workspace(args), args.folds, overwrite=args.overwrite)
+    print(f"splits: {path} ({args.folds} folds)")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from planning.recipes import RECIPES
 
@@ -420,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", dest="np_workers", type=int, default=0, help="data-loading worker processes per training (default: %(default)s)")
     _add_common(p, jobs=False)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("splits", help="write the cross-validation splits with another number of folds", description="Write results/<dataset>/splits.json with N folds of the training cases (default training uses 5; the mixed-pooling paper uses 10). Train folds 0..N-1 afterwards.")
+    _add_dataset(p)
+    p.add_argument("--folds", type=int, required=True, metavar="N", help="number of folds")
+    p.add_argument("--overwrite", action="store_true", help="replace existing splits (refused once a fold was trained with them)")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser("recipes", help="list the shipped recipes (the published systems as configurations)", description="List the recipes: each reproduces a published liver / liver-tumour segmentation system as configurations derived from the planned ones.")
     p.set_defaults(func=cmd_recipes)

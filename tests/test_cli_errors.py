@@ -109,3 +109,27 @@ def test_deeply_nested_json_is_one_clear_error(tmp_path):
     (tmp_path / "dataset.json").write_text("[" * 100000 + "]" * 100000)
     dj, problems = load_dataset_json(tmp_path)
     assert dj is None and len(problems) == 1 and "nested too deeply" in problems[0] and str(tmp_path) in problems[0]
+
+
+def test_splits_command_writes_n_folds_and_refuses_to_replace_trained_splits(tmp_path):
+    from autoliver.examples.phantom import write_phantom_dataset
+    from autoliver.train.splits import validate_splits
+
+    ws = Workspace(tmp_path / "ws")
+    import numpy as np
+
+    write_phantom_dataset(ws.raw, 10, np.random.default_rng(0), shape=(12, 32, 32), spacing=(8.0, 8.0, 8.0), dataset_name="Dataset901_S")
+    args = ["--workspace", str(ws.root), "splits", "-d", "901", "--folds", "10", "--no-progress"]
+    assert cli.main(args) == 0
+    path = ws.dataset("Dataset901_S").model.splits
+    splits = validate_splits(json.loads(path.read_text()), None, str(path))
+    assert len(splits) == 10 and sorted(c for f in splits for c in f["val"]) == sorted(set(c for f in splits for c in f["val"]))
+    assert all(len(f["val"]) == 1 and len(f["train"]) == 9 for f in splits)
+    assert cli.main(args) == 1  # exists: needs --overwrite
+    fold = ws.dataset("Dataset901_S").model.fold("2d", 3)
+    fold.root.mkdir(parents=True)
+    fold.latest.write_bytes(b"x")
+    assert cli.main([*args, "--overwrite"]) == 1  # a fold was trained with them
+    fold.latest.unlink()
+    assert cli.main([*args[:-3], "--folds", "5", "--overwrite", "--no-progress"]) == 0
+    assert len(json.loads(path.read_text())) == 5

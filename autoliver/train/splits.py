@@ -90,6 +90,25 @@ def load_or_create_splits(results_dir: Path, case_ids: list[str], custom: Path |
     return splits, path
 
 
+def write_new_splits(results_dir: Path, case_ids: list[str], n_folds: int, overwrite: bool = False) -> tuple[list[dict[str, list[str]]], Path]:
+    """Write ``n_folds``-fold splits (e.g. 10 as in the mixed-pooling paper). Existing splits are
+    replaced only with ``overwrite`` and only while no fold has been trained with them."""
+    if n_folds < 2:
+        raise UsageError(f"--folds must be >= 2, got {n_folds}")
+    model = ModelPaths(Path(results_dir))
+    if model.splits.is_file():
+        trained = [p for p in model.fold_dirs() if not p.name.endswith("_all") and any(p.glob("checkpoint_*.pt"))]
+        if not overwrite:
+            raise SplitsError(f"{model.splits}: exists; add --overwrite to replace it")
+        if trained:
+            raise SplitsError(f"{model.splits}: {len(trained)} fold(s) were trained with these splits (e.g. {trained[0]}); "
+                              "delete them first or use another workspace")
+    splits = make_splits(case_ids, n_folds)
+    write_json(model.splits, splits)
+    log.info("wrote %s (%d folds)", model.splits, len(splits))
+    return splits, model.splits
+
+
 def fold_cases(splits: list[dict[str, list[str]]], fold: int | str, case_ids: list[str]) -> tuple[list[str], list[str]]:
     """(train, val) case ids of ``fold`` (an index or "all": every case in both)."""
     if fold == "all":
