@@ -135,15 +135,18 @@ def load_plans(workspace: Workspace, dataset_spec: str | Path) -> Plans:
     return load(workspace.dataset(dataset_name(dataset_spec, workspace)))
 
 
-def with_recipes(plans: Plans, recipes: list[str] | tuple[str, ...], overrides: dict | None = None) -> Plans:
-    """``plans`` with each recipe's configurations derived and sized for the plans' memory budget."""
+def with_recipes(plans: Plans, recipes: list[str] | tuple[str, ...], overrides: dict | None = None,
+                 fingerprint: dict | None = None) -> Plans:
+    """``plans`` with each recipe's configurations derived and sized for the plans' memory budget
+    (``fingerprint``: its class fractions give median-frequency class weights where a recipe asks)."""
     from autoliver.nets.sizing import size_plans
     from planning.recipes import RECIPES, derive
 
     for name in recipes:
         if name not in RECIPES:
             raise UsageError(f"unknown recipe {name!r}; shipped: {', '.join(RECIPES)} (see `autoliver recipes`)")
-        plans = size_plans(derive(plans, name, overrides), RECIPES[name].configuration_names)
+        fractions = (fingerprint or {}).get("class_fractions")
+        plans = size_plans(derive(plans, name, overrides, fractions), RECIPES[name].configuration_names)
         for c in RECIPES[name].configuration_names:
             note = plans.configurations[c].extra.get("sizing", "")
             (log.warning if not plans.configurations[c].extra.get("fits_budget", True) else log.info)("%s: %s", c, note)
@@ -181,7 +184,8 @@ def plan_and_preprocess(
     t_fp = time.perf_counter()
     plans_path = workspace.dataset(dataset.name).plans
     kept = _recipes_in(plans_path)
-    plans = with_recipes(plan(fp, device=device, gpu_memory_gb=gpu_memory_gb), list(dict.fromkeys(kept + list(recipes or []))))
+    plans = with_recipes(plan(fp, device=device, gpu_memory_gb=gpu_memory_gb), list(dict.fromkeys(kept + list(recipes or []))),
+                         fingerprint=fp)
     write_plans(plans, plans_path)
 
     wanted = list(configurations) if configurations else list(plans.configurations)
@@ -213,7 +217,10 @@ def add_configuration(dataset_spec: str | Path, workspace: Workspace, recipes: l
     t0 = time.perf_counter()
     dataset = validate(dataset_spec, workspace, options)
     paths = workspace.dataset(dataset.name)
-    plans = with_recipes(load(paths), recipes, overrides)
+    from planning.fingerprint import load_fingerprint
+
+    fp = load_fingerprint(paths.fingerprint) if paths.fingerprint.is_file() else None
+    plans = with_recipes(load(paths), recipes, overrides, fingerprint=fp)
     write_plans(plans, paths.plans)
     from planning.recipes import RECIPES
 

@@ -139,7 +139,22 @@ def _derive_variant(plans: Plans, recipe: str, v: Variant, liver_stage: str | No
     return config, ident, pre, spacing
 
 
-def derive(plans: Plans, recipe: Recipe | str, overrides: Mapping[str, Any] | None = None) -> Plans:
+def median_frequency_weights(class_fractions: Mapping[str, float], n_classes: int) -> list[float]:
+    """Median-frequency class balancing (SegNet): w_c = median(f) / f_c over the classes' voxel
+    fractions ``class_fractions`` ({"0": f0, "1": f1, ...}, the fingerprint's); a class never
+    seen gets the largest weight of the others."""
+    f = [float(class_fractions.get(str(c), 0.0)) for c in range(n_classes)]
+    seen = sorted(v for v in f if v > 0)
+    if not seen:
+        raise PlanError("median-frequency weights need the fingerprint's class fractions; none is positive")
+    median = seen[len(seen) // 2] if len(seen) % 2 else 0.5 * (seen[len(seen) // 2 - 1] + seen[len(seen) // 2])
+    weights = [median / v if v > 0 else 0.0 for v in f]
+    top = max(weights)
+    return [round(w if w > 0 else top, 6) for w in weights]
+
+
+def derive(plans: Plans, recipe: Recipe | str, overrides: Mapping[str, Any] | None = None,
+           class_fractions: Mapping[str, float] | None = None) -> Plans:
     """``plans`` with ``recipe``'s configurations added (replacing earlier ones of that recipe).
 
     ``overrides`` (e.g. ``{"patch_size": [128, 128], "training": {"lr": 3e-4}}``) apply to every
@@ -151,6 +166,7 @@ def derive(plans: Plans, recipe: Recipe | str, overrides: Mapping[str, Any] | No
         recipe = RECIPES[recipe]
     overrides = overrides or {}
     configs = {k: c for k, c in plans.configurations.items() if c.recipe != recipe.name}
+    n_classes = len(plans.labels)
     spacings, pre_by_ident = dict(plans.data_spacings), dict(plans.data_preprocessing)
     liver = None
     for v in recipe.variants:
@@ -161,6 +177,10 @@ def derive(plans: Plans, recipe: Recipe | str, overrides: Mapping[str, Any] | No
             raise PlanError(f"recipe {recipe.name}: configuration name {config.name} is reserved for a planned configuration")
         if ident in spacings and ident not in pre_by_ident and tuple(spacings[ident]) != spacing:
             raise PlanError(f"recipe {recipe.name}: data identifier {ident} clashes with a planned data folder")
+        if config.training.get("loss") == "ce_median_frequency" and "class_weights" not in config.training:
+            if class_fractions is None:
+                raise PlanError(f"recipe {recipe.name}: its loss needs the fingerprint's class fractions (fingerprint.json)")
+            config = replace(config, training={**config.training, "class_weights": median_frequency_weights(class_fractions, n_classes)})
         spacings[ident] = spacing
         if pre:
             pre_by_ident[ident] = {**pre, "base": plans.configurations[v.inherits_from].data_identifier}

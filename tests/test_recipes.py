@@ -11,8 +11,25 @@ import pytest
 from planning.errors import PlanError
 from planning.planner import plan_experiment
 from planning.plans import CONFIGURATION_NAMES, Plans
-from planning.recipes import RECIPES, check_preprocessing, data_identifier, derive
+from planning.recipes import RECIPES, check_preprocessing, data_identifier, derive, median_frequency_weights
 from tests.test_planner import make_fingerprint
+
+FRACTIONS = {"0": 0.96, "1": 0.035, "2": 0.005}
+
+
+def test_median_frequency_weights():
+    assert median_frequency_weights(FRACTIONS, 3) == pytest.approx([0.035 / 0.96, 1.0, 0.035 / 0.005], rel=1e-5)
+    assert median_frequency_weights({"0": 0.5, "1": 0.5}, 3)[2] == pytest.approx(1.0)  # an unseen class: the largest weight
+    with pytest.raises(PlanError, match="class fractions"):
+        median_frequency_weights({}, 3)
+
+
+def test_segnet_needs_and_records_class_weights():
+    p = plan_experiment(make_fingerprint((1.0, 0.77, 0.77), (432, 512, 512), 131), memory_gb=8.0)
+    with pytest.raises(PlanError, match="class fractions"):
+        derive(p, "segnet_vgg16")
+    c = derive(p, "segnet_vgg16", class_fractions=FRACTIONS).configurations["segnet_vgg16"]
+    assert c.training["class_weights"] == median_frequency_weights(FRACTIONS, 3)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +49,7 @@ def test_plans_without_derived_configurations_keep_their_json_and_hash(plans):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_derives_and_round_trips(plans, name):
     recipe = RECIPES[name]
-    derived = derive(plans, name)
+    derived = derive(plans, name, class_fractions=FRACTIONS)
     assert set(derived.configurations) == set(plans.configurations) | set(recipe.configuration_names)
     for v, cname in zip(recipe.variants, recipe.configuration_names):
         c, base = derived.configurations[cname], plans.configurations[v.inherits_from]
@@ -90,7 +107,7 @@ def test_unknown_recipe_and_missing_base_are_plan_errors(plans):
 
 
 def test_a_bad_stage_in_plans_json_is_refused(plans):
-    d = derive(plans, "segnet_vgg16").to_json()
+    d = derive(plans, "segnet_vgg16", class_fractions=FRACTIONS).to_json()
     d["configurations"]["segnet_vgg16"]["stage"] = "spleen"
     with pytest.raises(ValueError, match="stage 'spleen'"):
         Plans.from_json(d)

@@ -1,4 +1,5 @@
-"""Dice + cross-entropy with deep supervision (nnU-Net's recipe, re-derived).
+"""Dice + cross-entropy with deep supervision (nnU-Net's recipe, re-derived), and the other
+losses a configuration may ask for (``LOSSES``).
 
 Logits are (B, n_classes, *spatial), targets (B, 1, *spatial) int64 labels. Deep supervision:
 the network returns one logit map per decoder level, full resolution first; level i gets
@@ -61,12 +62,37 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = 
     return ce + (1.0 - soft_dice(logits, target, batch_dice).mean())
 
 
-class DeepSupervisionLoss:
-    """Weighted sum of ``dice_ce_loss`` over the levels of a deep-supervised output."""
+LOSSES = ("dice_ce", "dice", "ce", "ce_median_frequency")
 
-    def __init__(self, n_levels: int, batch_dice: bool = True):
+
+def level_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One output level's loss: ``dice_ce`` (default), ``dice`` (1 - mean foreground soft
+    Dice), ``ce``, or ``ce_median_frequency`` (cross-entropy weighted by ``class_weights``)."""
+    if kind == "dice_ce":
+        return dice_ce_loss(logits, target, batch_dice)
+    if kind == "dice":
+        return 1.0 - soft_dice(logits, target, batch_dice).mean()
+    if kind == "ce":
+        return F.cross_entropy(logits.float(), target[:, 0].long())
+    if kind == "ce_median_frequency":
+        if class_weights is None:
+            raise ValueError("ce_median_frequency needs class weights (the plan's training.class_weights)")
+        return F.cross_entropy(logits.float(), target[:, 0].long(), weight=class_weights.to(logits.device, torch.float32))
+    raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
+
+
+class DeepSupervisionLoss:
+    """Weighted sum of a level loss (``level_loss``; Dice + CE by default) over the levels of a
+    deep-supervised output."""
+
+    def __init__(self, n_levels: int, batch_dice: bool = True, kind: str = "dice_ce", class_weights: Sequence[float] | None = None):
+        if kind not in LOSSES:
+            raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
         self.weights = deep_supervision_weights(n_levels)
         self.batch_dice = batch_dice
+        self.kind = kind
+        self.class_weights = None if class_weights is None else torch.tensor([float(w) for w in class_weights])
 
     def __call__(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
@@ -76,7 +102,7 @@ class DeepSupervisionLoss:
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(self.weights, outputs):
             # a zero-weight level still enters the graph (DDP expects every parameter used)
-            total = total + w * dice_ce_loss(out, downsample_target(target, out.shape[2:]), self.batch_dice)
+            total = total + w * level_loss(self.kind, out, downsample_target(target, out.shape[2:]), self.batch_dice, self.class_weights)
         return total
 
 
