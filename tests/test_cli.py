@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import copy_workspace
 
 from autoliver.cli import build_parser, main
+from autoliver.core.layout import Workspace
 from autoliver.examples.dataset import build_example_dataset
 from planning.hashing import hash_json
 from planning.plans import Plans
@@ -16,6 +18,7 @@ SUBCOMMANDS = ["validate", "convert", "example_dataset", "plan", "plan_and_prepr
                "find_best_configuration", "postprocess", "evaluate", "submit", "report", "demo"]
 
 
+@pytest.mark.subprocess
 def test_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "autoliver.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for name in SUBCOMMANDS:
@@ -27,7 +30,7 @@ def test_help_lists_every_subcommand():
 
 
 @pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory):
+def _small_dataset_template(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
     build_example_dataset(
         ws / "raw" / "Dataset001_LiverExamples",
@@ -35,9 +38,16 @@ def small_dataset(tmp_path_factory):
         n_phantoms=1,
         phantom_shape=(48, 96, 96),
     )
-    return ws
+    return Workspace(ws)
 
 
+@pytest.fixture()
+def small_dataset(_small_dataset_template, tmp_path):
+    """This test's own copy of the raw example dataset (nothing preprocessed yet)."""
+    return copy_workspace(_small_dataset_template, tmp_path / "ws").root
+
+
+@pytest.mark.slow
 def test_plan_and_preprocess_then_resume(small_dataset, monkeypatch):
     ws = small_dataset
     monkeypatch.setenv("AUTOLIVER_WORKSPACE", str(ws))  # the fallback for --workspace

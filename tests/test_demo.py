@@ -8,15 +8,19 @@ import json
 
 import numpy as np
 import pytest
+from helpers import torch_threads
 
 from autoliver.cli import main
 from autoliver.io.images import read_header, read_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     ws = tmp_path_factory.mktemp("demo_ws")
-    code = main(["demo", "--workspace", str(ws), "--quick", "--phantoms", "2", "--no-progress", "-np", "1"])
+    with torch_threads(1):  # the demo has no --threads; one thread is several times faster on two loaded cores
+        code = main(["demo", "--workspace", str(ws), "--quick", "--phantoms", "2", "--no-progress", "-np", "1"])
     return ws, code
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from helpers import default_sigint
 
 from autoliver.api import StageOptions, plan_and_preprocess
 from autoliver.core.errors import MissingArtefactError
@@ -49,8 +50,9 @@ def same(a, b) -> bool:
     return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
-def gone(pids, timeout=15.0) -> list[int]:
-    """Pids still alive (zombies count as gone) after waiting up to ``timeout`` s."""
+def gone(pids, timeout=120.0) -> list[int]:
+    """Pids still alive (zombies count as gone) after waiting up to ``timeout`` s (a guard
+    against waiting forever, not a speed check: the pids usually go within a second)."""
     end = time.monotonic() + timeout
     while True:
         alive = []
@@ -137,11 +139,9 @@ def test_worker_error_names_the_case_and_stops_workers(prep, tmp_path, workers):
     loader = make_train_loader(broken, [cases[0]], plans.configurations["2d"], seed=0, n_workers=workers)
     pids = loader.worker_pids()
     assert len(pids) == workers
-    t0 = time.monotonic()
     with pytest.raises(DataLoadingError, match=cases[0]):
-        for _ in range(5):
+        for _ in range(5):  # the error surfaces within a few batches, it does not hang the loop
             next(loader)
-    assert time.monotonic() - t0 < 60
     assert gone(pids) == []
     with pytest.raises(DataLoadingError, match="closed"):
         next(loader)
@@ -184,15 +184,18 @@ SCRIPT = textwrap.dedent("""
 
 
 # in-process: the normal end (close, ``with``) in test_close_stops_workers; each mode here costs a fresh interpreter
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["ctrl-c", "sigterm", "sigkill", "exception"])
 def test_no_orphans_whatever_ends_the_main_process(prep, tmp_path, mode):
     _, folder, _ = prep
     script = tmp_path / "run_loader.py"
     script.write_text(SCRIPT)
+    # default_sigint: Ctrl-C must work even when the tests run in the background (where SIGINT is ignored, and inherited so)
     proc = subprocess.Popen([sys.executable, str(script), str(folder), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True, preexec_fn=default_sigint)
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 90)
+        ready, _, _ = select.select([proc.stdout], [], [], 300)  # hang guard
         assert ready, "loader did not start"
         pids = json.loads(proc.stdout.readline())
         assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
@@ -200,7 +203,7 @@ def test_no_orphans_whatever_ends_the_main_process(prep, tmp_path, mode):
             os.kill(proc.pid, {"sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[mode])
         elif mode == "ctrl-c":  # the terminal sends SIGINT to the whole process group
             os.killpg(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=60)
+        rc = proc.wait(timeout=300)  # hang guard
         err = proc.stderr.read()
         assert gone(pids) == [], f"{mode}: workers left behind; stderr:\n{err}"
         assert rc != 0

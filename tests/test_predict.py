@@ -1,4 +1,5 @@
-"""`autoliver predict` end to end with a tiny 2d model trained once for the module: every input
+"""`autoliver predict` end to end with tiny random-weight models (the ``model_ws`` fixture: a
+copy per test of a model folder written as training writes it, without training): every input
 kind (NIfTI file, `_0000` folder, DICOM series, oblique anisotropic MHA) keeps its exact
 geometry; skip/overwrite, a corrupt input among good ones, shards, TTA on and off."""
 
@@ -11,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_train_cli import DATASET, build_tiny_workspace
+from helpers import DATASET
 
 from autoliver import examples
 from autoliver.cli import main
@@ -23,14 +24,7 @@ from autoliver.io.inputs import discover_inputs, parse_shard, select_shard
 
 FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
 
-
-@pytest.fixture(scope="module")
-def model_ws(tmp_path_factory):
-    ws = build_tiny_workspace(tmp_path_factory.mktemp("predict_ws"), n_cases=3, lowres=False)
-    for config, fold, epochs in (("2d", 0, 2), ("2d", 1, 1), ("3d_fullres", 0, 1)):
-        assert main(["train", "-d", DATASET, config, str(fold), "--workspace", str(ws.root), "--device", "cpu", "--threads", "1", "-np", "0",
-                     "--no-progress", "--val-iters", "1", "--epochs", str(epochs), "--iters-per-epoch", "3", "--no-validation"]) == 0
-    return ws
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def predict(ws, inp, out, *extra):
@@ -214,7 +208,7 @@ def test_3d_with_tta_and_a_fold_ensemble(model_ws, tmp_path):
 def test_model_folder_with_its_own_plans_and_a_latest_checkpoint_only(model_ws, tmp_path, caplog):
     import shutil
 
-    # training copied the plans into the model folder, so results/<dataset> is self-contained
+    # the model folder holds its own plans.json (training copies it there), so it is self-contained
     copied = model_ws.results(DATASET) / "plans.json"
     assert copied.read_bytes() == (model_ws.preprocessed(DATASET) / "plans.json").read_bytes()
     model = tmp_path / "my_model"

@@ -1,9 +1,9 @@
 """Prediction beyond one configuration: the cascade, ensembles of configurations, the
 inference plan as default, ROI-first inference, precision choice and the prefetch overlap.
 
-Networks are randomly initialised (no training: fast) or hand-made per-voxel networks, whose
-output does not depend on the tiling, so ROI and whole-volume inference can be compared
-exactly.
+Networks are randomly initialised (no training: fast; the ``model_ws`` fixture of conftest.py,
+a copy per test) or hand-made per-voxel networks, whose output does not depend on the tiling,
+so ROI and whole-volume inference can be compared exactly.
 """
 
 import json
@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_train_cli import DATASET, build_tiny_workspace
+from helpers import DATASET
 
 from autoliver.cli import main
 from autoliver.core.errors import StaleArtefactError
@@ -23,27 +23,20 @@ from autoliver.infer.predictor import FoldNetwork, load_model, predict_preproces
 from autoliver.infer.roi import find_roi, liver_box
 from autoliver.infer.runner import PredictOptions, predict_inputs
 from autoliver.infer.volume import one_hot_foreground, predict_volume
-from autoliver.io.checkpoint import save_checkpoint
 from autoliver.io.images import read_image
-from autoliver.nets.registry import build_network, net_spec
 from autoliver.preprocess.resample import resample_probabilities
 from planning.plans import Plans
 
 FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
-MODELS = (("2d", "0"), ("2d", "1"), ("3d_fullres", "0"), ("3d_lowres", "0"), ("3d_cascade_fullres", "0"))
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """A tiny workspace (with 3d_lowres and the cascade planned) and random-weight checkpoints."""
-    ws = build_tiny_workspace(tmp_path_factory.mktemp("models_ws"), n_cases=3, lowres=True)
-    plans = Plans.load(ws.preprocessed(DATASET) / "plans.json")
-    for k, (config, fold) in enumerate(MODELS):
-        torch.manual_seed(k)
-        net = build_network("unet", net_spec(plans.configurations[config], 3))
-        save_checkpoint(ws.results(DATASET) / config / f"fold_{fold}" / "checkpoint_final.pt",
-                        {"epoch": 1, "weights": net.state_dict(), "plans_hash": plans.plans_hash, "network": {"arch": "unet", "n_classes": 3}})
-    return ws
+@pytest.fixture()
+def ws(model_ws):
+    """This test's own copy of the tiny workspace with random-weight checkpoints of 2d (folds 0
+    and 1), 3d_fullres, 3d_lowres and 3d_cascade_fullres (fold 0)."""
+    return model_ws
 
 
 def image_of(ws, k=0):
@@ -223,14 +216,16 @@ def test_precision_choice(tmp_path):
 
 def test_prefetch_prepares_the_next_case_while_the_network_runs(ws, tmp_path):
     model = load_model(ws.results(DATASET), "3d_fullres")
-    src = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))
-    assert len(src) == 3
-    summary = predict_inputs(model, src[0].parent, tmp_path / "out", PredictOptions(progress=False, tta=True, roi=False))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for src in sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[:3]:
+        (inputs / src.name).write_bytes(src.read_bytes())
+    summary = predict_inputs(model, inputs, tmp_path / "out", PredictOptions(progress=False, tta=True, roi=False))
     cases = summary.predicted
     assert len(cases) == 3 and not summary.failed
     ev = summary.events
-    assert ev[cases[1]]["input_ready"] < ev[cases[0]]["finished"]  # case 2 was ready before case 1 was done
-    assert ev[cases[2]]["input_ready"] < ev[cases[1]]["finished"]
+    for before, after in zip(cases, cases[1:]):
+        assert ev[after]["input_ready"] < ev[before]["finished"]  # the next case was ready before this one was done
     for case in cases:
         t = summary.timings[case]
         assert {"wait_input_s", "network_s", "export_s"} <= set(t)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import DATASET, build_tiny_workspace
 
 from autoliver import api
 from autoliver.core.layout import Workspace
@@ -18,7 +19,6 @@ from autoliver.train.options import TrainOptions
 from autoliver.train.setup import train_fold
 from planning.plans import Plans
 from planning.recipes import RECIPES
-from tests.helpers import DATASET, build_tiny_workspace
 
 pytestmark = pytest.mark.slow
 TINY = {"network_options": {"base_features": 4}}

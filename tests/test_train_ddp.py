@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_cli import DATASET, build_tiny_workspace, read_log
+from helpers import DATASET, read_log
 
 from autoliver.io.checkpoint import load_checkpoint
 from autoliver.train.distributed import DistContext, local_batch_size, rank_seed
@@ -24,8 +24,10 @@ def test_batch_shares_and_seeds():
         DistContext(rank=2, world_size=2)
 
 
-def test_torchrun_two_cpu_processes_match_single_process(tmp_path):
-    ws = build_tiny_workspace(tmp_path / "ws", lowres=False, batch3d=2)
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_torchrun_two_cpu_processes_match_single_process(tiny_ws):
+    ws = tiny_ws
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = ["-m", "autoliver.cli", "train", "-d", DATASET, "3d_fullres"]
     single = subprocess.run([sys.executable, *base, "0", "--workspace", str(ws.root), *ARGS], env=env, capture_output=True, text=True, timeout=600)

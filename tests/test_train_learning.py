@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from test_train_cli import DATASET, build_tiny_workspace
+from helpers import DATASET, build_tiny_workspace, torch_threads
 
 from autoliver import api
 from autoliver.train.options import TrainOptions
@@ -23,16 +23,10 @@ LIVER_DICE_MIN = 0.85
 def test_short_training_reaches_liver_dice(tmp_path):
     ws = build_tiny_workspace(tmp_path / "ws", n_cases=6, shape=(32, 64, 64), spacing=(6.0, 6.0, 6.0), seed=1, lowres=False,
                               patch2d=(56, 56), features2d=(8, 16, 32, 64), batch2d=8)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core computes, the other makes batches
-    try:
-        t0 = time.perf_counter()
+    with torch_threads(1):  # one core computes, the other makes batches
+        t0 = time.perf_counter()  # for the message only
         result = api.train(DATASET, "2d", 0, ws, TrainOptions(epochs=30, iters_per_epoch=20, val_iters=2, n_workers=1, progress=False, seed=0))
         seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     assert metrics["n_cases"] == 2
     liver = metrics["mean"]["liver"]

@@ -84,12 +84,21 @@ def test_budget_plan_fits_epochs_to_measured_speed():
     plan = BudgetPlan.start(budget_s=1000.0, max_epochs=1000, iters_per_epoch=250)
     # 1 s per iteration: 900 s of training hold 3.6 epochs of 250 -> shorten epochs to get 10
     fitted = plan.fit_iterations(1.0)
-    assert fitted.iters_per_epoch == 90
-    # after 2 epochs of 90 s each at 180 s elapsed: 720 s left -> 8 more
-    upd = fitted.update(epochs_done=2, elapsed_s=180.0, mean_epoch_s=90.0)
-    assert upd.planned_epochs == 10
-    # the machine slows down: fewer epochs are planned, never fewer than done
-    assert fitted.update(epochs_done=5, elapsed_s=880.0, mean_epoch_s=150.0).planned_epochs == 5
+    assert fitted.iters_per_epoch == 90 and fitted.planned_epochs == 10 and fitted.s_per_iter == 1.0
+    # 2 epochs done in 185 s, 1 s per iteration and 2 s per epoch besides: the 715 s left hold 7
+    # epochs of 92 s, and the 71 s after them a last epoch of 69 iterations
+    upd = fitted.refit(epochs_done=2, used_s=185.0, s_per_iter=1.0, overhead_s=2.0)
+    assert (upd.planned_epochs, upd.last_iters) == (10, 69)
+    assert [upd.epoch_iters(e) for e in range(10)] == [90] * 9 + [69]
+    assert upd.total_iters(2, iters_done=180) == 180 + 7 * 90 + 69
+    # a remainder too small for an epoch of its own (11 s) goes to the last full epoch
+    longer = fitted.refit(epochs_done=2, used_s=245.0, s_per_iter=1.0, overhead_s=2.0)
+    assert (longer.planned_epochs, longer.last_iters) == (9, 90 + 11)
+    # less than a full epoch left: one short epoch; nothing left: no more epochs, never fewer than done
+    assert (fitted.refit(5, 880.0, 1.5, 2.0).planned_epochs, fitted.refit(5, 880.0, 1.5, 2.0).last_iters) == (6, 12)
+    assert fitted.refit(5, 899.0, 1.5, 2.0).planned_epochs == 5
+    # --epochs bounds the plan
+    assert replace(fitted, max_epochs=6).refit(2, 185.0, 1.0, 2.0).planned_epochs == 6
     assert BudgetPlan.from_json(upd.to_json()) == upd
     with pytest.raises(ValueError):
         BudgetPlan.start(0, 10, 10)
@@ -168,6 +177,106 @@ def test_budget_plan_counts_validation_batches():
 
 def test_budget_reserves_the_estimated_final_validation():
     plan = BudgetPlan.start(budget_s=600.0, max_epochs=1000, iters_per_epoch=250)
-    assert plan.training_s == pytest.approx(540.0)  # the 10 % reserve
-    assert replace(plan, final_s=200.0).training_s == pytest.approx(400.0)  # the estimate is larger
-    assert replace(plan, final_s=1e6).training_s == pytest.approx(300.0)  # never more than half
+    assert plan.training_s == pytest.approx(540.0)  # the 10 % reserve, until the final validation is estimated
+    assert replace(plan, final_s=200.0).training_s == pytest.approx(400.0)  # a larger early guess
+    assert replace(plan, final_s=20.0, final_known=True).training_s == pytest.approx(580.0)  # the estimate replaces the reserve
+    assert replace(plan, final_s=0.0, final_known=True).training_s == pytest.approx(600.0)  # fold 'all': nothing to validate
+    assert replace(plan, final_s=1e6, final_known=True).training_s == pytest.approx(120.0)  # training keeps a fifth
+
+
+# ----------------------------------------------------------------- the budget, on a simulated clock
+CHECKPOINT_S = 2.0  # simulated seconds per checkpoint file
+# (configuration, budget, seconds per training iteration): one iteration is 0.1 % to 1 % of the budget
+SPEEDS = [("2d", 1000.0, 1.0), ("2d", 1000.0, 3.0), ("2d", 1000.0, 10.0), ("3d_fullres", 1000.0, 2.0), ("3d_fullres", 1000.0, 8.0)]
+
+
+def simulated_components(clock, s_iter, s_tile, stop_after=None):
+    """A 1x1-conv network that advances ``clock`` per training iteration and per inference
+    patch, and constant in-memory batches: the trainer's timing logic alone, in milliseconds."""
+    from helpers import PointwiseNet, TimedNetwork, constant_loader, in_channels
+
+    from autoliver.train.trainer import Components
+
+    def build(arch, config, n_classes):
+        return TimedNetwork(PointwiseNet(config.network_dims, in_channels(config), n_classes), clock, s_iter, s_tile, stop_after)
+
+    return Components(build, constant_loader, constant_loader, clock)
+
+
+@pytest.fixture()
+def budget_run(tiny_ws, tmp_path, fake_clock, monkeypatch, single_thread):
+    """Run a trainer on the simulated clock; each checkpoint file costs CHECKPOINT_S seconds."""
+    from helpers import fold_setup
+
+    import autoliver.train.trainer as T
+    from autoliver.train.options import TrainOptions
+
+    real_save = T.save_checkpoint
+
+    def save(path, state):
+        fake_clock.advance(CHECKPOINT_S)
+        real_save(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(T, "plot_progress", lambda path, history: None)  # matplotlib: real seconds, no simulated ones
+
+    def run(configuration, budget_s, s_iter, s_tile, resume=False, stop_after=None, **options):
+        opts = TrainOptions(device="cpu", budget_minutes=budget_s / 60, n_workers=0, progress=False, resume=resume,
+                            **{"epochs": 1000, "iters_per_epoch": 100, "val_iters": 10, **options})
+        setup = fold_setup(tiny_ws, configuration, 0, opts, output_dir=tmp_path / "fold_0")
+        trainer = T.Trainer(setup, opts, components=simulated_components(fake_clock, s_iter, s_tile, stop_after))
+        t0 = fake_clock()
+        try:
+            result = trainer.run()
+        finally:
+            trainer.simulated_s = fake_clock() - t0
+        return trainer, result
+
+    return run
+
+
+@pytest.mark.parametrize("configuration, budget_s, s_iter", SPEEDS)
+def test_budget_is_used_to_the_end_on_a_simulated_clock(budget_run, configuration, budget_s, s_iter):
+    """Every iteration costs ``s_iter`` simulated seconds, every inference patch a tenth of it,
+    every checkpoint CHECKPOINT_S: the run (epochs, checkpoints, final validation) ends within
+    3 % of the budget, the poly schedule ends with the last iteration."""
+    trainer, result = budget_run(configuration, budget_s, s_iter, s_iter / 10)
+    total = trainer.simulated_s
+    rec = result.history
+    print(f"budget {budget_s:.0f} s at {s_iter} s/iteration ({configuration}): ended at {total:.1f} s ({total / budget_s:.3f}), "
+          f"{len(rec)} epochs, {sum(r['iters'] for r in rec)} iterations, final validation {trainer.budget.final_s:.0f} s")
+    assert abs(total - budget_s) <= 0.03 * budget_s, total
+    assert rec[-1]["planned_epochs"] == len(rec)  # the plan ended where training did
+    regular = trainer.budget.iters_per_epoch
+    assert all(r["iters"] == regular for r in rec[1:-1])  # only the last epoch differs
+    iters = sum(r["iters"] for r in rec)
+    assert rec[-1]["lr_last"] == pytest.approx(poly_lr(iters - 1, iters, 1e-2))  # ~0: the schedule's last step
+    assert all(a["lr"] >= b["lr"] for a, b in zip(rec, rec[1:]))
+    assert result.metrics is not None and (result.output_dir / "checkpoint_final.pt").is_file()
+
+
+def test_budget_accounting_survives_a_resume(budget_run, fake_clock, tmp_path):
+    """A run killed mid-epoch and resumed with ``--continue``: the time in the checkpoint counts
+    against the budget, and the resumed run ends where one run would have."""
+    from helpers import Interrupted
+
+    budget_s, s_iter = 1000.0, 2.0
+    start = fake_clock()
+    with pytest.raises(Interrupted):
+        budget_run("2d", budget_s, s_iter, s_iter / 10, stop_after=200)
+    killed_at = fake_clock() - start
+    state = load_checkpoint(tmp_path / "fold_0" / "checkpoint_latest.pt")
+    done, used = state["epoch"], state["train_seconds"]
+    # the time up to the checkpoint counts (its iterations and more), the part after it is lost
+    assert done >= 2 and sum(r["iters"] for r in state["history"]) * s_iter < used < killed_at
+    fake_clock.advance(60.0)  # the restart (not budget time: nothing runs)
+    trainer, result = budget_run("2d", budget_s, s_iter, s_iter / 10, resume=True)
+    total = used + trainer.simulated_s
+    rec = result.history
+    print(f"resumed after epoch {done} ({used:.0f} s used): ended at {total:.1f} s of {budget_s:.0f} s, {len(rec)} epochs")
+    assert abs(total - budget_s) <= 0.03 * budget_s, total
+    assert [r["epoch"] for r in rec] == list(range(len(rec))) and rec[:done] == state["history"]
+    assert rec[-1]["planned_epochs"] == len(rec) and all(r["iters"] == rec[1]["iters"] for r in rec[1:-1])
+    assert rec[done]["lr"] <= rec[done - 1]["lr_last"]  # the schedule goes on where it stopped
+    iters = sum(r["iters"] for r in rec)
+    assert rec[-1]["lr_last"] == pytest.approx(poly_lr(iters - 1, iters, 1e-2))

@@ -12,6 +12,13 @@ batches and ranks, as nnU-Net). Rank 0 appends the epoch's record to log.jsonl, 
 ``checkpoint_latest.pt`` (and ``checkpoint_best.pt`` when the EMA of the mean pseudo-Dice
 improves) and redraws progress.png. ``checkpoint_final.pt`` is written when training ends.
 
+Time: every duration the trainer measures or decides on (the budget, epoch times, the speed
+probe, the final-validation estimate, the ETA) comes from one clock, ``Components.clock``
+(or the ``clock`` argument), ``time.perf_counter`` by default; tests pass a simulated one.
+With ``--budget-minutes`` the whole of ``run`` (setup, epochs, checkpoints, the end-of-fold
+validation) is fitted to the budget (see autoliver.train.schedule) and the learning rate
+follows the poly schedule per iteration over the planned iterations.
+
 Resume (``--continue``): the latest checkpoint restores weights, optimiser, grad scaler, RNG
 states, the epoch counter, the history and the budget; log.jsonl is rewritten from the
 history it holds, so no epoch is missing or doubled after a kill at any point. The patch
@@ -34,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from autoliver.core.device import select_device
-from autoliver.core.errors import AutoliverError, StaleArtefactError
+from autoliver.core.errors import AutoliverError, StaleArtefactError, UsageError
 from autoliver.core.layout import FoldPaths, ModelPaths
 from autoliver.infer.sliding_window import tile_starts
 from autoliver.io.atomic import write_bytes, write_json
@@ -52,13 +59,17 @@ log = logging.getLogger(__name__)
 
 EMA_DECAY = 0.9
 BUDGET_PROBE_ITERS = (2, 7)  # iterations timed in the first epoch to fit a budget
+BUDGET_PROBE_SHARE = 0.01  # ... or fewer (at least one) when they take this share of the budget
+RECENT_EPOCHS = 3  # epochs whose measured times predict the next ones
+
+Clock = Callable[[], float]
 
 
-def final_validation_seconds(s_per_patch: float, setup: "FoldSetup", step: float) -> float:
-    """Seconds the end-of-fold validation will take: the sliding-window tiles of every held-out
-    case (read from their properties) times the measured forward time of one patch."""
+def final_validation_tiles(setup: "FoldSetup", step: float) -> int:
+    """Network inputs of the end-of-fold validation: the sliding-window tiles of every held-out
+    case (read from their properties; one per slice and tile in 2D)."""
     if not setup.val_cases or setup.fold == "all":
-        return 0.0
+        return 0
     patch = setup.config.patch_size
     tiles = 0
     for case_id in setup.val_cases:
@@ -66,7 +77,25 @@ def final_validation_seconds(s_per_patch: float, setup: "FoldSetup", step: float
         spatial = shape[-len(patch):]
         n = math.prod(len(tile_starts(int(sz), int(p), step)) for sz, p in zip(spatial, patch))
         tiles += n * (int(shape[0]) if len(patch) == 2 else 1)
-    return tiles * s_per_patch
+    return tiles
+
+
+def final_validation_seconds(s_per_patch: float, setup: "FoldSetup", step: float) -> float:
+    """Seconds the end-of-fold validation will take: its tiles times the measured forward time
+    of one patch."""
+    return final_validation_tiles(setup, step) * s_per_patch
+
+
+@dataclass
+class EpochTime:
+    """Measured times of one epoch of this run (the clock's seconds)."""
+
+    iters: int
+    train_s: float  # the training iterations (data waits included)
+    other_s: float  # the rest before the checkpoint: pseudo-Dice batches, bookkeeping
+    save_s: float | None = None  # log, checkpoints and plot (None until written)
+    checkpoint_s: float = 0.0  # one checkpoint file
+    checkpoints: int = 0  # checkpoint files written (latest, and best when it improved)
 
 
 @dataclass(frozen=True)
@@ -104,13 +133,19 @@ class Components:
     build_network: Callable[[str, Configuration, int], torch.nn.Module]
     make_train_loader: Callable[..., Any]
     make_val_loader: Callable[..., Any]
+    clock: Clock = time.perf_counter  # seconds, monotonic: every duration the trainer measures
 
 
-def default_components() -> Components:
+def default_components(clock: Clock = time.perf_counter) -> Components:
     from autoliver.data.loader import make_train_loader, make_val_loader
-    from autoliver.nets.registry import build_network, net_spec
+    from autoliver.nets.registry import available_networks, build_network, net_spec
 
-    return Components(lambda arch, config, n: build_network(arch, net_spec(config, n)), make_train_loader, make_val_loader)
+    def build(arch: str, config: Configuration, n_classes: int) -> torch.nn.Module:
+        if arch not in available_networks():
+            raise UsageError(f"--arch {arch!r}: unknown network architecture; available: {', '.join(available_networks())}")
+        return build_network(arch, net_spec(config, n_classes))
+
+    return Components(build, make_train_loader, make_val_loader, clock)
 
 
 @dataclass(frozen=True)
@@ -122,16 +157,24 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, setup: FoldSetup, options: TrainOptions, ctx: D.DistContext = D.SINGLE, components: Components | None = None):
+    def __init__(self, setup: FoldSetup, options: TrainOptions, ctx: D.DistContext = D.SINGLE, components: Components | None = None,
+                 clock: Clock | None = None):
         self.setup, self.options, self.ctx = setup, options, ctx
         self.components = components or default_components()
+        self.clock: Clock = clock or self.components.clock
         self.device = select_device(options.device, ctx.local_rank)
         self.out = Path(setup.output_dir)
         self.paths = setup.paths
         self.history: list[dict] = []
         self.epoch = 0
         self.best_ema: float | None = None
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # seconds of the budget used: earlier runs (resume) and this one up to its last epoch
+        self._prior_seconds = 0.0  # of those, the earlier runs'
+        self._t_run = self.clock()  # when this run started (reset by ``run``)
+        self._times: list[EpochTime] = []  # this run's epochs
+        self._probe_s: float | None = None  # seconds per iteration measured early in the first epoch
+        self._s_per_patch: list[float] = []  # measured forward seconds of one validation patch
+        self._final_tiles: int | None = None
         self.iters_per_epoch = options.iters_per_epoch
         self.val_iters = options.val_iters  # a budget may shorten both
         self.budget: BudgetPlan | None = None
@@ -169,7 +212,7 @@ class Trainer:
             "history": self.history,
             "best_ema": self.best_ema,
             "train_seconds": self.train_seconds,
-            "iters_per_epoch": self.iters_per_epoch,
+            "iters_per_epoch": self.iters_per_epoch if self.budget is None else self.budget.iters_per_epoch,
             "val_iters": self.val_iters,
             "budget": None if self.budget is None else self.budget.to_json(),
             "network": {"arch": self.setup.arch, "n_classes": self.setup.n_classes, "class_names": list(self.setup.class_names)},
@@ -205,7 +248,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_ema = state["best_ema"]
-        self.train_seconds = float(state["train_seconds"])
+        self.train_seconds = self._prior_seconds = float(state["train_seconds"])
         self.iters_per_epoch = int(state["iters_per_epoch"]) if self.options.budget_minutes else self.options.iters_per_epoch
         self.val_iters = int(state.get("val_iters", self.options.val_iters)) if self.options.budget_minutes else self.options.val_iters
         if state.get("budget") and self.options.budget_minutes:
@@ -217,6 +260,20 @@ class Trainer:
     def _target_epochs(self) -> int:
         return self.budget.planned_epochs if self.budget is not None else self.options.epochs
 
+    def _epoch_iters(self) -> int:
+        """Training iterations of the coming epoch (under a budget the last one may differ)."""
+        return self.budget.epoch_iters(self.epoch) if self.budget is not None else self.iters_per_epoch
+
+    def _iters_done(self) -> int:
+        return sum(int(r.get("iters", self.iters_per_epoch)) for r in self.history)
+
+    def _lr_at(self, it: int, iters_done: int) -> float:
+        """Learning rate of iteration ``it`` of the current epoch: per epoch over the planned
+        epochs, or, under a budget, per iteration over the planned iterations."""
+        if self.budget is None:
+            return poly_lr(self.epoch, self._target_epochs(), self.options.initial_lr)
+        return poly_lr(iters_done + it, self.budget.total_iters(self.epoch, iters_done), self.options.initial_lr)
+
     def _forward_loss(self, batch: dict) -> torch.Tensor:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
@@ -227,19 +284,28 @@ class Trainer:
             self.loss = DeepSupervisionLoss(n, batch_dice=self.options.batch_dice)
         return self.loss(outputs, target), outputs
 
-    def _train_epoch(self, loader, lr: float) -> dict:
-        for g in self.optimiser.param_groups:
-            g["lr"] = lr
+    def _train_epoch(self, loader) -> dict:
+        clock = self.clock
         self.model.train()
         self.network.deep_supervision = True
+        iters_done = self._iters_done()
+        n_iters = self._epoch_iters()
+        lr = self._lr_at(0, iters_done)
+        first_lr = lr
+        for g in self.optimiser.param_groups:
+            g["lr"] = lr
         losses, tumour, samples, wait = [], 0, 0, 0.0
-        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {self.epoch}", unit="it", leave=False, disable=not (self.options.progress and self.ctx.is_main))
-        t0 = time.perf_counter()
+        bar = tqdm(total=n_iters, desc=f"epoch {self.epoch}", unit="it", leave=False, disable=not (self.options.progress and self.ctx.is_main))
+        t0 = clock()
         it = 0
-        while it < self.iters_per_epoch:
-            tw = time.perf_counter()
+        while it < n_iters:
+            if self.budget is not None and it:
+                lr = self._lr_at(it, iters_done)
+                for g in self.optimiser.param_groups:
+                    g["lr"] = lr
+            tw = clock()
             batch = next(loader)
-            wait += time.perf_counter() - tw
+            wait += clock() - tw
             self.optimiser.zero_grad(set_to_none=True)
             loss, _ = self._forward_loss(batch)
             self.scaler.scale(loss).backward()
@@ -253,22 +319,40 @@ class Trainer:
             it += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if self.budget is not None and not self.history and it == BUDGET_PROBE_ITERS[1]:
-                per_iter = (time.perf_counter() - self._probe_t0) / (BUDGET_PROBE_ITERS[1] - BUDGET_PROBE_ITERS[0])
-                fitted = self.budget.fit_iterations(D.broadcast_float(per_iter, self.ctx))
+            if self.budget is not None and not self.history and self._probe_s is None and self._probe_due(it):
+                self._probe_s = D.broadcast_float((clock() - self._probe_t0) / (it - BUDGET_PROBE_ITERS[0]), self.ctx)
+                self._estimate_final()
+                fitted = self.budget.fit_iterations(self._probe_s)
                 self.budget, self.iters_per_epoch, self.val_iters = fitted, fitted.iters_per_epoch, fitted.val_iters
+                n_iters = self._epoch_iters()  # the loop ends here if the epoch is already longer
+                bar.total = max(n_iters, it)
             if it == BUDGET_PROBE_ITERS[0]:
-                self._probe_t0 = time.perf_counter()
+                self._probe_t0 = clock()
         bar.close()
         sums = D.all_reduce_sum(torch.tensor([sum(losses), len(losses), tumour, samples, wait], dtype=torch.float64), self.ctx)
-        seconds = time.perf_counter() - t0
-        return {"train_loss": float(sums[0] / max(sums[1], 1)), "tumour_share": float(sums[2] / max(sums[3], 1)),
-                "samples": int(sums[3]), "train_s": seconds, "data_wait_share": float(sums[4] / self.ctx.world_size / max(seconds, 1e-9))}
+        seconds = clock() - t0
+        out = {"train_loss": float(sums[0] / max(sums[1], 1)), "tumour_share": float(sums[2] / max(sums[3], 1)),
+               "samples": int(sums[3]), "train_s": seconds, "data_wait_share": float(sums[4] / self.ctx.world_size / max(seconds, 1e-9)),
+               "iters": it, "lr": first_lr}
+        if self.budget is not None:
+            out["lr_last"] = lr
+        return out
+
+    def _probe_due(self, it: int) -> bool:
+        """Time to fit the epochs to the budget: after the probe's iterations, or earlier when
+        they would take more than BUDGET_PROBE_SHARE of it (rank 0 decides for all)."""
+        if it == BUDGET_PROBE_ITERS[1]:
+            return True
+        if not BUDGET_PROBE_ITERS[0] < it < BUDGET_PROBE_ITERS[1]:
+            return False
+        slow = self.clock() - self._probe_t0 >= BUDGET_PROBE_SHARE * self.budget.budget_s
+        return bool(D.broadcast_float(1.0 if slow else 0.0, self.ctx))
 
     @torch.no_grad()
     def _val_epoch(self, loader) -> dict:
         if self.val_iters == 0 or loader is None:
             return {"val_loss": None, "pseudo_dice": {}}
+        clock = self.clock
         self.network.eval()
         self.network.deep_supervision = False
         counts = torch.zeros((self.setup.n_classes - 1, 3), dtype=torch.float64)
@@ -276,12 +360,12 @@ class Trainer:
         forward_s, samples = 0.0, 0
         for _ in range(self.val_iters):
             batch = next(loader)
-            t0 = time.perf_counter()
+            t0 = clock()
             data, target = batch["data"].to(self.device), batch["target"].to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 out = self.network(data)
             out = out[0] if isinstance(out, (list, tuple)) else out
-            forward_s += time.perf_counter() - t0
+            forward_s += clock() - t0
             samples += int(data.shape[0])
             loss_sum += float(DeepSupervisionLoss(1, self.options.batch_dice)(out.float(), target))
             counts += confusion_counts(out.float(), target, self.setup.n_classes).cpu()
@@ -307,7 +391,9 @@ class Trainer:
                                                     oversample_foreground=o.oversample_foreground, **common)
         return train, val
 
-    def _end_epoch(self, record: dict) -> None:
+    def _end_epoch(self, record: dict) -> tuple[float, int]:
+        """Log, checkpoints and plot of the epoch just trained; returns the seconds one
+        checkpoint file took and the number written (rank 0; 0 elsewhere)."""
         mean = [v for v in record["pseudo_dice"].values() if v == v]
         score = sum(mean) / len(mean) if mean else None
         if score is not None:
@@ -317,25 +403,123 @@ class Trainer:
         record["pseudo_dice_ema"] = self.best_ema
         self.history.append(record)
         self.epoch += 1
+        checkpoint_s, files = 0.0, 0
         if self.ctx.is_main:
             append_log(self.paths.log, record)
             state = self._state()
+            t0 = self.clock()
             save_checkpoint(self.paths.latest, state)
+            checkpoint_s, files = self.clock() - t0, 1
             if self.best_ema is not None and (prev_best is None or self.best_ema > prev_best):
                 save_checkpoint(self.paths.best, state)
+                files += 1
             plot_progress(self.paths.progress, self.history)
-        log.info("epoch %d: train loss %.4f, val loss %s, pseudo-Dice %s, lr %.2e, %.1f s",
+        log.info("epoch %d: train loss %.4f, val loss %s, pseudo-Dice %s, lr %.2e, %.1f s%s",
                  record["epoch"], record["train_loss"], "n/a" if record["val_loss"] is None else f"{record['val_loss']:.4f}",
-                 {k: round(v, 4) for k, v in record["pseudo_dice"].items()}, record["lr"], record["epoch_s"])
+                 {k: round(v, 4) for k, v in record["pseudo_dice"].items()}, record["lr"], record["epoch_s"],
+                 "" if record.get("eta_s") is None else f", {record['eta_s'] / 60:.1f} min to go")
+        return checkpoint_s, files
 
+    # ----------------------------------------------------------------- budget
+    def _used_seconds(self) -> float:
+        """Seconds of the budget used: earlier runs' and this run's so far."""
+        return self._prior_seconds + (self.clock() - self._t_run)
+
+    def _recent(self) -> list[EpochTime]:
+        """This run's last epochs; its first (warm-up: first batches, first plot) only while alone."""
+        return (self._times[1:] if len(self._times) > 1 else self._times)[-RECENT_EPOCHS:]
+
+    def _seconds_per_iter(self) -> float:
+        if len(self._times) == 1 and self._probe_s:
+            return self._probe_s
+        recent = self._recent()
+        iters = sum(t.iters for t in recent)
+        if iters:
+            return sum(t.train_s for t in recent) / iters
+        return self._probe_s or (self.budget.s_per_iter if self.budget is not None else 0.0)
+
+    def _save_seconds(self) -> tuple[float, float, float]:
+        """Seconds of an epoch's log, checkpoints and plot: the mean of the recent epochs, and
+        the most it may take (both checkpoint files, as when checkpoint_best.pt improves); and
+        of one checkpoint file. The latter two are kept for what is still to come at the end."""
+        done = [t for t in self._times if t.save_s is not None]
+        done = (done[1:] if len(done) > 1 else done)[-RECENT_EPOCHS:]
+        if not done:
+            return 0.0, 0.0, 0.0
+        checkpoint_s = max(t.checkpoint_s for t in done)
+        rest = max(max(0.0, t.save_s - t.checkpoint_s * t.checkpoints) for t in done)
+        return sum(t.save_s for t in done) / len(done), rest + 2 * checkpoint_s, checkpoint_s
+
+    def _overhead_seconds(self) -> float:
+        """Estimated seconds an epoch spends besides its training iterations."""
+        recent = self._recent()
+        if not recent:
+            return self.budget.epoch_overhead_s if self.budget is not None else 0.0
+        save, _, _ = self._save_seconds()
+        return sum(t.other_s + (save if t.save_s is None else t.save_s) for t in recent) / len(recent)
+
+    def _estimate_final(self) -> None:
+        """Seconds after the last epoch (final checkpoint + end-of-fold validation), from the
+        measured forward time of one patch (else the training speed)."""
+        o, s = self.options, self.setup
+        if not self._times and self._probe_s is None and (self.budget.final_known or self.budget.final_s):
+            return  # resumed, nothing measured yet in this run: the checkpoint's estimate stands
+        validates = o.final_validation and s.fold != "all" and bool(s.val_cases)
+        if validates and self._final_tiles is None:
+            self._final_tiles = final_validation_tiles(s, o.val_step)
+        tiles = self._final_tiles or 0
+        if not validates or not tiles:
+            per_patch = 0.0
+        elif self._s_per_patch:
+            recent = self._s_per_patch[-RECENT_EPOCHS:]
+            per_patch = sum(recent) / len(recent)
+        else:  # no pseudo-Dice batches: a forward pass is about val_cost of a training iteration
+            per_patch = self._seconds_per_iter() * self.budget.val_cost / max(1, D.local_batch_size(s.config.batch_size, self.ctx))
+        _, _, checkpoint_s = self._save_seconds()
+        estimate = D.broadcast_float(tiles * per_patch / self.ctx.world_size + checkpoint_s, self.ctx)
+        first = not self.budget.final_known
+        self.budget = replace(self.budget, final_s=estimate, final_known=True)
+        if first:
+            log.info("final validation estimated at %.0f s; %.0f s of the budget left for training", estimate, self.budget.training_s)
+            if estimate > 0.5 * self.budget.budget_s:
+                log.warning("the final validation (%.0f s) takes more than half of the %.0f s budget: training gets %.0f s; "
+                            "--no-validation or a faster device leaves more to training", estimate, self.budget.budget_s, self.budget.training_s)
+
+    def _refit_budget(self, pending_save: bool) -> None:
+        """Re-plan the remaining epochs from the clock; ``pending_save``: the epoch just trained
+        has yet to write its log and checkpoints (their time is estimated)."""
+        _, save, _ = self._save_seconds()
+        used = self._used_seconds() + (save if pending_save else 0.0)
+        self._estimate_final()
+        plan = self.budget.refit(self.epoch + (1 if pending_save else 0), used, self._seconds_per_iter(), self._overhead_seconds())
+        planned = int(D.broadcast_float(plan.planned_epochs, self.ctx))
+        last = int(D.broadcast_float(plan.last_iters, self.ctx))
+        self.budget = replace(plan, planned_epochs=planned, last_iters=last)
+
+    def _eta_seconds(self, epochs_done: int) -> float | None:
+        """Seconds until training and the final validation end, as planned now."""
+        if self.budget is not None:
+            epochs = self.budget.planned_epochs - epochs_done
+            iters = self.budget.total_iters(epochs_done, 0) if epochs > 0 else 0
+            return max(0.0, epochs * self._overhead_seconds() + iters * self._seconds_per_iter() + self.budget.final_s)
+        recent = self._recent()
+        if not recent:
+            return None
+        per_epoch = sum(t.train_s + t.other_s + (t.save_s or 0.0) for t in recent) / len(recent)
+        return max(0, self.options.epochs - epochs_done) * per_epoch
+
+    # ----------------------------------------------------------------- run
     def train(self) -> None:
         """Train until the target epoch count (or the budget) is reached; write the final checkpoint."""
         o = self.options
+        clock = self.clock
         if o.budget_minutes is not None and self.budget is None:
             self.budget = BudgetPlan.start(o.budget_minutes * 60.0, o.epochs, o.iters_per_epoch, val_iters=o.val_iters if self.setup.val_cases else 0)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             rewrite_log(self.paths.log, self.history)
+        if self.budget is not None and self.history:  # resumed: the budget may have changed, time has passed
+            self._refit_budget(pending_save=False)
         if self.epoch >= self._target_epochs():
             log.info("%s: already trained for %d epochs", self.out, self.epoch)
         else:
@@ -344,28 +528,29 @@ class Trainer:
                 train_it = iter(train_loader)
                 val_it = None if val_loader is None else iter(val_loader)
                 while self.epoch < self._target_epochs():
-                    t0 = time.perf_counter()
-                    lr = poly_lr(self.epoch, self._target_epochs(), o.initial_lr)
-                    record = {"epoch": self.epoch, **self._train_epoch(train_it, lr)}
+                    t0 = clock()
+                    record = {"epoch": self.epoch, **self._train_epoch(train_it)}
                     record.update(self._val_epoch(val_it))
-                    epoch_s = time.perf_counter() - t0
-                    self.train_seconds += epoch_s
-                    record.update(lr=lr, epoch_s=epoch_s, samples_per_s=record["samples"] / max(record["train_s"], 1e-9),
-                                  iters=self.iters_per_epoch, world_size=self.ctx.world_size, time=time.time())
-                    if self.budget is not None and record.get("val_s_per_patch") and not self.budget.final_s:
-                        estimate = final_validation_seconds(s_per_patch=record["val_s_per_patch"], setup=self.setup, step=o.val_step)
-                        self.budget = replace(self.budget, final_s=D.broadcast_float(estimate / self.ctx.world_size, self.ctx))
-                        log.info("final validation estimated at %.0f s; %.0f s of the budget left for training", self.budget.final_s, self.budget.training_s)
+                    t_val = clock()
+                    epoch_s = t_val - t0
+                    record.update(epoch_s=epoch_s, samples_per_s=record["samples"] / max(record["train_s"], 1e-9),
+                                  world_size=self.ctx.world_size, time=time.time())
+                    self._times.append(EpochTime(record["iters"], record["train_s"], epoch_s - record["train_s"]))
+                    if record.get("val_s_per_patch"):
+                        self._s_per_patch.append(record["val_s_per_patch"])
                     if self.budget is not None:
-                        mean_s = sum(r["epoch_s"] for r in self.history[-5:] + [record]) / len(self.history[-5:] + [record])
-                        planned = int(D.broadcast_float(self.budget.update(self.epoch + 1, self.train_seconds, mean_s).planned_epochs, self.ctx))
-                        self.budget = replace(self.budget, planned_epochs=planned)
-                        record["planned_epochs"] = planned
-                    self._end_epoch(record)
+                        self._refit_budget(pending_save=True)
+                        record["planned_epochs"] = self.budget.planned_epochs
+                    save, _, _ = self._save_seconds()
+                    self.train_seconds = self._used_seconds() + save  # as at the end of this epoch's checkpoint
+                    record["eta_s"] = self._eta_seconds(self.epoch + 1)
+                    checkpoint_s, files = self._end_epoch(record)
+                    self._times[-1].save_s, self._times[-1].checkpoint_s, self._times[-1].checkpoints = clock() - t_val, checkpoint_s, files
             finally:
                 for loader in (train_loader, val_loader):
                     if loader is not None and hasattr(loader, "close"):
                         loader.close()
+        self.train_seconds = self._used_seconds()
         if self.ctx.is_main:
             save_checkpoint(self.paths.final, self._state())
         D.barrier(self.ctx)
@@ -405,13 +590,18 @@ class Trainer:
         log.info("copied %s to %s", source, target)
 
     def run(self) -> TrainResult:
+        self._t_run = self.clock()
         D.init(self.ctx, self.device)
         try:
-            self._copy_plans()
             self._build()
+            self._copy_plans()
             self._resume()
             self.train()
+            t0 = self.clock()
             metrics = self.validate()
+            if metrics is not None:
+                estimate = "" if self.budget is None else f" (estimated {self.budget.final_s:.0f} s)"
+                log.info("final validation took %.0f s%s; %.0f s in all", self.clock() - t0, estimate, self._used_seconds())
             return TrainResult(self.out, self.epoch, metrics, list(self.history))
         finally:
             D.shutdown(self.ctx)
