@@ -98,3 +98,32 @@ def test_compare_scores_and_measures_every_configuration(ws):
 
     page = render_compare(result)
     assert "resnet50_unet" in page and "<script" not in page and "data:image/png;base64," in page
+
+
+def test_configuration_training_options_reach_the_trainer(ws):
+    from autoliver.io.checkpoint import load_checkpoint
+
+    paths = ws.dataset(DATASET)
+    fold = paths.model.fold("unet2d_clahe", 2)
+    if not fold.final.is_file():
+        train_fold(paths, "unet2d_clahe", 2, NO_VALIDATION)
+    state = load_checkpoint(fold.final, map_location="cpu")
+    assert "exp_avg" in next(iter(state["optimiser"]["state"].values()))  # Adam, as the recipe says
+    assert state["optimiser"]["param_groups"][0]["lr"] == pytest.approx(1e-3)  # plateau schedule: the recipe's lr, not poly
+    assert state["plateau"]["best"] is not None and state["history"][-1]["plateau"] == state["plateau"]
+
+
+def test_tumour_stage_validates_as_a_two_stage_design(ws):
+    paths = ws.dataset(DATASET)
+    for config in ("resunet_cascade_liver", "resunet_cascade_tumour"):
+        if not paths.model.fold(config, 1).metrics.is_file():
+            train_fold(paths, config, 1, FAST)
+    liver_dir, tumour_dir = paths.model.fold("resunet_cascade_liver", 1).validation, paths.model.fold("resunet_cascade_tumour", 1).validation
+    cases = sorted(p.stem for p in tumour_dir.glob("*.npz"))
+    assert cases and cases == sorted(p.stem for p in liver_dir.glob("*.npz"))
+    for case in cases:
+        with np.load(liver_dir / f"{case}.npz") as a, np.load(tumour_dir / f"{case}.npz") as b:
+            liver_stage, fused = a["probabilities"].astype(np.float32), b["probabilities"].astype(np.float32)
+        assert np.allclose(fused[0], liver_stage[0], atol=2e-3)  # background is the liver stage's
+        tumour = fused.argmax(0) == 2
+        assert not (tumour & (liver_stage.argmax(0) == 0)).any()  # never tumour outside the liver stage's liver

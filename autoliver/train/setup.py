@@ -75,6 +75,12 @@ def fold_setup(paths: DatasetPaths, configuration: str, fold: int | str, options
                 next_stage = (full_folder, model.next_stage(configuration))
             else:
                 log.warning("%s not preprocessed: %s predictions for %s will not be written", full_folder, configuration, other.name)
+    liver_validation = None
+    if config.stage == "tumour":
+        if not config.liver_stage or config.liver_stage not in plans.configurations:
+            raise PlanError(f"{paths.plans}: tumour stage {configuration} names no planned liver stage ({config.liver_stage!r}); add its recipe again")
+        if fold != "all":
+            liver_validation = model.fold(config.liver_stage, fold).validation
     labels = sorted(plans.labels.items(), key=lambda kv: kv[1])
     data_folder = paths.data(config.data_identifier)
     return FoldSetup(
@@ -82,6 +88,7 @@ def fold_setup(paths: DatasetPaths, configuration: str, fold: int | str, options
         output_dir=model.fold(configuration, fold).root, train_cases=tuple(train_cases), val_cases=tuple(val_cases),
         class_names=tuple(k for k, _ in labels), arch=options.arch or config.extra.get("arch") or config.network,
         prev_stage_folder=prev_folder, next_stage=next_stage, pad_value=default_pad_value(data_folder), plans_path=paths.plans,
+        liver_validation=liver_validation,
     )
 
 

@@ -43,16 +43,18 @@ from tqdm import tqdm
 from autoliver.core.device import select_device
 from autoliver.core.errors import AutoliverError, StaleArtefactError, UsageError
 from autoliver.core.layout import FoldPaths, ModelPaths
+from autoliver.data.sampler import LiverRoi
 from autoliver.infer.sliding_window import tile_starts
 from autoliver.io.atomic import write_bytes, write_json
 from autoliver.io.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from autoliver.preprocess.storage import load_properties
 from autoliver.train import distributed as D
 from autoliver.train.loss import DeepSupervisionLoss, confusion_counts
+from autoliver.train.objective import Objective, Plateau
 from autoliver.train.options import TrainOptions
 from autoliver.train.progress import append_log, plot_progress, rewrite_log
 from autoliver.train.schedule import BudgetPlan, poly_lr
-from autoliver.train.validation import summarise, validate_cases
+from autoliver.train.validation import ValidationJob, summarise, validate_cases
 from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ class FoldSetup:
     next_stage: tuple[Path, Path] | None = None  # (fullres data folder, predicted_next_stage folder)
     pad_value: float = 0.0  # what the loader pads patches with (normalised air); the sliding window pads alike
     plans_path: Path | None = None  # the dataset's plans.json, copied into the model folder
+    liver_validation: Path | None = None  # a tumour stage: its liver stage's held-out predictions (same fold)
 
     @property
     def paths(self) -> FoldPaths:
@@ -179,6 +182,12 @@ class Trainer:
         self.val_iters = options.val_iters  # a budget may shorten both
         self.budget: BudgetPlan | None = None
         self.loss: DeepSupervisionLoss | None = None
+        self.objective = Objective.of(setup.config.training, f"configuration {setup.config.name} (plans.json)")
+        self.lr0 = self.objective.initial_lr(options.initial_lr)
+        obj = self.objective
+        self.plateau = Plateau(self.lr0, obj.plateau_factor, obj.plateau_patience, obj.early_stopping_patience) \
+            if obj.schedule == "plateau" or obj.early_stopping_patience else None
+        self.stopped_early = False
         self.finished = False
 
     # ----------------------------------------------------------------- setup
@@ -190,7 +199,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.network, device_ids=ids)
         o = self.options
-        self.optimiser = torch.optim.SGD(self.network.parameters(), lr=o.initial_lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
+        self.optimiser = self.objective.make_optimiser(self.network.parameters(), o.initial_lr, o.weight_decay, o.momentum)
         self.use_scaler = self.device.type == "cuda" and o.amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         if self.device.type == "cuda":
@@ -215,6 +224,8 @@ class Trainer:
             "iters_per_epoch": self.iters_per_epoch if self.budget is None else self.budget.iters_per_epoch,
             "val_iters": self.val_iters,
             "budget": None if self.budget is None else self.budget.to_json(),
+            "plateau": None if self.plateau is None else self.plateau.state_dict(),
+            "stopped_early": self.stopped_early,
             "network": {"arch": self.setup.arch, "n_classes": self.setup.n_classes, "class_names": list(self.setup.class_names)},
             "dataset": self.setup.dataset,
             "fold": str(self.setup.fold),
@@ -254,6 +265,9 @@ class Trainer:
         if state.get("budget") and self.options.budget_minutes:
             b = BudgetPlan.from_json(state["budget"])
             self.budget = replace(b, budget_s=self.options.budget_minutes * 60.0, max_epochs=self.options.epochs)
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        self.stopped_early = bool(state.get("stopped_early", False))
         log.info("resuming %s from epoch %d", latest, self.epoch)
 
     # ----------------------------------------------------------------- loop
@@ -270,9 +284,11 @@ class Trainer:
     def _lr_at(self, it: int, iters_done: int) -> float:
         """Learning rate of iteration ``it`` of the current epoch: per epoch over the planned
         epochs, or, under a budget, per iteration over the planned iterations."""
+        if self.objective.schedule == "plateau" and self.plateau is not None:
+            return self.plateau.lr
         if self.budget is None:
-            return poly_lr(self.epoch, self._target_epochs(), self.options.initial_lr)
-        return poly_lr(iters_done + it, self.budget.total_iters(self.epoch, iters_done), self.options.initial_lr)
+            return poly_lr(self.epoch, self._target_epochs(), self.lr0)
+        return poly_lr(iters_done + it, self.budget.total_iters(self.epoch, iters_done), self.lr0)
 
     def _forward_loss(self, batch: dict) -> torch.Tensor:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -281,7 +297,7 @@ class Trainer:
             outputs = self.model(data)
         if self.loss is None:
             n = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
-            self.loss = DeepSupervisionLoss(n, batch_dice=self.options.batch_dice)
+            self.loss = self.objective.make_loss(n, batch_dice=self.options.batch_dice)
         return self.loss(outputs, target), outputs
 
     def _train_epoch(self, loader) -> dict:
@@ -367,7 +383,7 @@ class Trainer:
             out = out[0] if isinstance(out, (list, tuple)) else out
             forward_s += clock() - t0
             samples += int(data.shape[0])
-            loss_sum += float(DeepSupervisionLoss(1, self.options.batch_dice)(out.float(), target))
+            loss_sum += float(self.objective.make_loss(1, self.options.batch_dice)(out.float(), target))
             counts += confusion_counts(out.float(), target, self.setup.n_classes).cpu()
         self.network.deep_supervision = True
         sums = D.all_reduce_sum(torch.cat([counts.flatten(), torch.tensor([loss_sum, self.val_iters], dtype=torch.float64)]), self.ctx)
@@ -382,6 +398,8 @@ class Trainer:
         s, o, c = self.setup, self.options, self.ctx
         config = s.config
         common = dict(prev_stage_folder=s.prev_stage_folder, n_classes=s.n_classes, batch_size=D.local_batch_size(s.config.batch_size, c))
+        if config.stage == "tumour":  # a two-stage design's tumour stage learns inside the liver's box
+            common["roi"] = LiverRoi(config.roi_margin_mm)
         extra = {} if o.tumour_share is None else {"tumour_share": o.tumour_share}
         train = self.components.make_train_loader(s.data_folder, list(s.train_cases), config, seed=D.rank_seed(o.seed, c, self.epoch),
                                                   n_workers=o.n_workers, oversample_foreground=o.oversample_foreground, **extra, **common)
@@ -544,8 +562,15 @@ class Trainer:
                     save, _, _ = self._save_seconds()
                     self.train_seconds = self._used_seconds() + save  # as at the end of this epoch's checkpoint
                     record["eta_s"] = self._eta_seconds(self.epoch + 1)
+                    if self.plateau is not None:
+                        self.plateau.step(record.get("val_loss"))
+                        record["plateau"] = self.plateau.state_dict()
                     checkpoint_s, files = self._end_epoch(record)
                     self._times[-1].save_s, self._times[-1].checkpoint_s, self._times[-1].checkpoints = clock() - t_val, checkpoint_s, files
+                    if self.plateau is not None and self.plateau.should_stop:
+                        self.stopped_early = True
+                        log.info("early stopping: no better validation loss for %d epochs", self.plateau.since_best)
+                        break
             finally:
                 for loader in (train_loader, val_loader):
                     if loader is not None and hasattr(loader, "close"):
@@ -565,10 +590,11 @@ class Trainer:
         self.network.eval()
         self.network.deep_supervision = False
         mine = list(s.val_cases)[self.ctx.rank :: self.ctx.world_size]
-        validate_cases(self.network, s.config, s.data_folder, mine, self.paths.validation, epoch=self.epoch, device=self.device,
-                       n_classes=s.n_classes, step=self.options.val_step, autocast_dtype=self.autocast,
-                       prev_stage_folder=s.prev_stage_folder, save_probabilities=self.options.save_probabilities, next_stage=s.next_stage,
-                       pad_value=s.pad_value)
+        job = ValidationJob(s.config, s.data_folder, self.paths.validation, epoch=self.epoch, device=self.device, n_classes=s.n_classes,
+                            step=self.options.val_step, autocast_dtype=self.autocast, prev_stage_folder=s.prev_stage_folder,
+                            save_probabilities=self.options.save_probabilities, next_stage=s.next_stage, pad_value=s.pad_value,
+                            liver_validation=s.liver_validation)
+        validate_cases(self.network, job, mine)
         D.barrier(self.ctx)
         if not self.ctx.is_main:
             return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import blosc2
@@ -26,6 +27,8 @@ import torch
 
 from autoliver.core.artefacts import FoldMetrics
 from autoliver.evaluate.overlap import case_dice
+from autoliver.infer.sliding_window import argmax_labels
+from autoliver.infer.two_stage import fuse_probabilities, stage_context, stage_min_size, two_stage_predict, window_predictor
 from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.preprocess.resample import resample_probabilities
@@ -48,32 +51,72 @@ def write_label_map(target: Path, seg: np.ndarray) -> None:
         blosc2.asarray(np.ascontiguousarray(seg.astype(np.uint8)), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
 
 
-def validate_cases(model: torch.nn.Module, config: Configuration, data_folder: Path, case_ids: list[str], out_dir: Path,
-                   *, epoch: int, device: torch.device, n_classes: int = 3, step: float = 0.5,
-                   autocast_dtype: torch.dtype | None = None, prev_stage_folder: Path | None = None,
-                   save_probabilities: bool = True, next_stage: tuple[Path, Path] | None = None,
-                   pad_value: float = 0.0) -> dict[str, dict]:
-    """Predict ``case_ids``; write each case's npz/json (and next-stage map); return {case: dice}.
+@dataclass(frozen=True)
+class ValidationJob:
+    """What end-of-fold validation predicts and where it writes: the configuration and its data
+    folder, the output folder, the epoch of the weights (recorded, so a cut-short validation
+    resumes), the device and precision, the sliding-window step and padding, a cascade's
+    previous-stage folder, a 3d_lowres fold's next-stage target (fullres data folder, output
+    folder), and for a two-stage design's tumour stage its liver stage's validation folder."""
 
-    ``next_stage`` = (fullres data folder, output folder) for a 3d_lowres fold.
-    """
-    out_dir = Path(out_dir)
+    config: Configuration
+    data_folder: Path
+    out_dir: Path
+    epoch: int
+    device: torch.device
+    n_classes: int = 3
+    step: float = 0.5
+    autocast_dtype: torch.dtype | None = None
+    prev_stage_folder: Path | None = None
+    save_probabilities: bool = True
+    next_stage: tuple[Path, Path] | None = None
+    pad_value: float = 0.0
+    liver_validation: Path | None = None
+
+
+def _case_probabilities(predictor, job: ValidationJob, case_id: str, data: np.ndarray, seg: np.ndarray | None) -> np.ndarray:
+    """(n_classes, Z, Y, X) float32 of one case: the network over the whole volume, or for a
+    tumour stage the two-stage design (its liver stage's held-out prediction of the same fold
+    finds the liver; the ground truth's liver when that prediction is missing, logged)."""
+    config = job.config
+    if job.liver_validation is None:
+        prev = None if job.prev_stage_folder is None else load_prev_stage(job.prev_stage_folder, case_id)
+        return predict_volume(predictor, data, config, job.n_classes, job.device, job.step, prev, job.pad_value).numpy()
+    liver_npz = Path(job.liver_validation) / f"{case_id}.npz"
+    if liver_npz.is_file():
+        with np.load(liver_npz) as z:
+            liver_probs = torch.from_numpy(z["probabilities"].astype(np.float32))
+        if tuple(liver_probs.shape[1:]) != tuple(data.shape):
+            liver_probs = torch.from_numpy(resample_probabilities(liver_probs.numpy(), data.shape))
+    else:
+        log.warning("%s: no liver-stage prediction; the tumour stage of %s is validated inside the true liver (an optimistic score)",
+                    liver_npz, case_id)
+        liver_probs = torch.from_numpy(np.eye(job.n_classes, dtype=np.float32)[np.asarray(seg, dtype=np.int64)].transpose(3, 0, 1, 2).copy())
+    crop_predict = window_predictor(predictor, config, job.n_classes, job.device, job.step, job.pad_value)
+    result = two_stage_predict(argmax_labels(liver_probs), data, crop_predict, config.spacing, config.roi_margin_mm,
+                               min_size=stage_min_size(config), context=stage_context(config))
+    return fuse_probabilities(liver_probs, result).numpy()
+
+
+def validate_cases(model: torch.nn.Module, job: ValidationJob, case_ids: list[str]) -> dict[str, dict]:
+    """Predict ``case_ids``; write each case's npz/json (and next-stage map); return {case: dice}."""
+    out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictor = make_predictor(model, device, autocast_dtype)
+    predictor = make_predictor(model, job.device, job.autocast_dtype)
+    next_stage = job.next_stage
     results = {}
     for case_id in case_ids:
         record_path = out_dir / f"{case_id}.json"
         if record_path.is_file():
             record = json.loads(record_path.read_text(encoding="utf-8"))
-            if record.get("epoch") == epoch and (next_stage is None or (next_stage[1] / f"{case_id}{DATA_SUFFIX}").is_file()):
+            if record.get("epoch") == job.epoch and (next_stage is None or (next_stage[1] / f"{case_id}{DATA_SUFFIX}").is_file()):
                 results[case_id] = record["dice"]
                 continue
-        data, seg, _ = load_case(data_folder, case_id, mmap=False)
-        prev = None if prev_stage_folder is None else load_prev_stage(prev_stage_folder, case_id)
-        probs = predict_volume(predictor, data, config, n_classes, device, step, prev, pad_value).numpy()
+        data, seg, _ = load_case(job.data_folder, case_id, mmap=False)
+        probs = _case_probabilities(predictor, job, case_id, np.asarray(data), seg)
         pred = probs.argmax(0).astype(np.uint8)
         scores = case_dice(pred, seg) if seg is not None else {}
-        if save_probabilities:
+        if job.save_probabilities:
             with atomic_path(out_dir / f"{case_id}.npz", suffix=".npz") as tmp:
                 np.savez_compressed(tmp, probabilities=probs.astype(np.float16))
         if next_stage is not None:
@@ -81,7 +124,7 @@ def validate_cases(model: torch.nn.Module, config: Configuration, data_folder: P
             full_shape = read_case_properties(full_folder, case_id).shape_after_resampling
             up = resample_probabilities(probs, full_shape) if tuple(full_shape) != probs.shape[1:] else probs
             write_label_map(target_folder / f"{case_id}{DATA_SUFFIX}", up.argmax(0).astype(np.uint8))
-        write_json(record_path, {"case": case_id, "epoch": epoch, "dice": scores, "shape": list(pred.shape)})
+        write_json(record_path, {"case": case_id, "epoch": job.epoch, "dice": scores, "shape": list(pred.shape)})
         results[case_id] = scores
         log.info("validation %s: liver Dice %.4f, tumour Dice %.4f", case_id, scores.get("liver", float("nan")), scores.get("tumour", float("nan")))
     return results
