@@ -191,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         arch=args.arch,
+        encoder_weights=Path(args.encoder_weights).expanduser() if args.encoder_weights else None,
         splits_file=Path(args.splits).expanduser().resolve() if args.splits else None,
         seed=args.seed,
         budget_minutes=args.budget_minutes,
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto takes the GPU when there is one (default: %(default)s)")
     p.add_argument("--continue", dest="resume", action="store_true", help="resume from the fold's latest checkpoint")
     p.add_argument("--arch", help="network family (default: the plan's, else unet)")
+    p.add_argument("--encoder-weights", metavar="FILE", help="start the encoder from a local weight file (.safetensors or a torch state dict, read with weights_only; e.g. ImageNet ResNet-50 weights for resnet50_unet)")
     p.add_argument("--splits", metavar="FILE", help="custom (e.g. patient-grouped) splits: a JSON list of {train: [...], val: [...]}")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("-np", "--workers", type=int, default=min(4, _default_jobs()), help="data-loading worker processes, 0: in the main process (default: %(default)s)")

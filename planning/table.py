@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from planning.plans import Plans
 
-COLUMNS = ("configuration", "data", "spacing (z,y,x) mm", "median shape", "patch", "batch", "stages", "features", "est. memory GiB")
+COLUMNS = ("configuration", "network", "data", "spacing (z,y,x) mm", "median shape", "patch", "batch", "stages", "features", "est. memory GiB")
 
 
 def _row(name: str, c) -> tuple[str, ...]:
-    features = f"{c.features_per_stage[0]}..{max(c.features_per_stage)}"
+    derived = c.inherits_from is not None  # a recipe's network: the planned topology columns do not apply
+    features = "-" if derived and c.network != "unet" else f"{c.features_per_stage[0]}..{max(c.features_per_stage)}"
     patch = "x".join(str(p) for p in c.patch_size)
     if c.in_slices > 1:
         patch += f" ({c.in_slices} slices)"
     return (
-        name + (f" <- {c.previous_stage}" if c.previous_stage else ""),
+        name + (f" <- {c.previous_stage}" if c.previous_stage else "") + (f" <- {c.liver_stage}" if c.liver_stage else ""),
+        c.network + (f" ({c.stage} stage)" if c.stage != "single" else ""),
         c.data_identifier,
         " x ".join(f"{s:.3f}".rstrip("0").rstrip(".") if s != int(s) else f"{s:.1f}" for s in c.spacing),
         "x".join(str(m) for m in c.median_shape),
         patch,
         str(c.batch_size),
-        str(c.n_stages),
+        "-" if derived and c.network != "unet" else str(c.n_stages),
         features,
         f"{c.estimated_memory_gb:.2f}",
     )

@@ -127,3 +127,26 @@ def test_tumour_stage_validates_as_a_two_stage_design(ws):
         assert np.allclose(fused[0], liver_stage[0], atol=2e-3)  # background is the liver stage's
         tumour = fused.argmax(0) == 2
         assert not (tumour & (liver_stage.argmax(0) == 0)).any()  # never tumour outside the liver stage's liver
+
+
+def test_encoder_weights_start_the_encoder(ws, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from autoliver.io.checkpoint import load_checkpoint
+    from autoliver.nets import build_network, net_spec
+
+    paths = ws.dataset(DATASET)
+    config = Plans.load(paths.plans).configurations["resnet50_unet"]
+    source = build_network("resnet50_unet", net_spec(config, 3))
+    torch.nn.init.constant_(source.encoder.conv1.weight, 0.125)
+    torch.save(source.encoder.state_dict(), tmp_path / "encoder.pt")
+    options = dataclasses.replace(NO_VALIDATION, epochs=1, iters_per_epoch=1, encoder_weights=tmp_path / "encoder.pt", initial_lr=1e-12)
+    train_fold(paths, "resnet50_unet", 2, options)
+    weights = load_checkpoint(paths.model.fold("resnet50_unet", 2).final, map_location="cpu")["weights"]
+    assert torch.allclose(weights["encoder.conv1.weight"], torch.full_like(weights["encoder.conv1.weight"], 0.125), atol=1e-3)
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(b"not a weight file")
+    with pytest.raises(ValueError, match="evil.pt"):
+        train_fold(paths, "resnet50_unet", "all", dataclasses.replace(options, encoder_weights=bad))

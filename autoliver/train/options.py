@@ -39,6 +39,7 @@ class TrainOptions:
     save_probabilities: bool = True
     final_validation: bool = True
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    encoder_weights: Path | None = None  # a local weight file for the network's encoder (weights only, never unpickled)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -61,4 +62,5 @@ class TrainOptions:
     def to_json(self) -> dict:
         d = asdict(self)
         d["splits_file"] = None if self.splits_file is None else str(self.splits_file)
+        d["encoder_weights"] = None if self.encoder_weights is None else str(self.encoder_weights)
         return d

@@ -47,6 +47,7 @@ from autoliver.data.sampler import LiverRoi
 from autoliver.infer.sliding_window import tile_starts
 from autoliver.io.atomic import write_bytes, write_json
 from autoliver.io.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autoliver.nets.weights import load_encoder_weights
 from autoliver.preprocess.storage import load_properties
 from autoliver.train import distributed as D
 from autoliver.train.loss import DeepSupervisionLoss, confusion_counts
@@ -193,7 +194,14 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
         torch.manual_seed(self.options.seed)
-        self.network = self.components.build_network(self.setup.arch, self.setup.config, self.setup.n_classes).to(self.device)
+        self.network = self.components.build_network(self.setup.arch, self.setup.config, self.setup.n_classes)
+        if self.options.encoder_weights is not None and not self.options.resume:
+            try:
+                loaded = load_encoder_weights(self.network, self.options.encoder_weights)
+            except (ValueError, ImportError) as exc:
+                raise UsageError(f"--encoder-weights: {exc}") from None
+            log.info("encoder weights from %s: %d tensors loaded", loaded.path, len(loaded.loaded))
+        self.network = self.network.to(self.device)
         self.model = self.network
         if self.ctx.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
