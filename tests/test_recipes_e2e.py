@@ -150,3 +150,24 @@ def test_encoder_weights_start_the_encoder(ws, tmp_path):
     bad.write_bytes(b"not a weight file")
     with pytest.raises(ValueError, match="evil.pt"):
         train_fold(paths, "resnet50_unet", "all", dataclasses.replace(options, encoder_weights=bad))
+
+
+def test_training_a_tumour_stage_trains_its_liver_stage_first(ws):
+    paths = ws.dataset(DATASET)
+    assert not paths.model.fold("mixpool_cascade_liver", "all").final.is_file()
+    train_fold(paths, "mixpool_cascade_tumour", "all", NO_VALIDATION)
+    assert paths.model.fold("mixpool_cascade_liver", "all").final.is_file() and paths.model.fold("mixpool_cascade_tumour", "all").final.is_file()
+
+
+def test_a_recipe_is_selectable_like_a_planned_configuration(ws, tmp_path):
+    paths = ws.dataset(DATASET)
+    for fold in range(3):
+        if not paths.model.fold("fcn_r50", fold).metrics.is_file():
+            train_fold(paths, "fcn_r50", fold, FAST)
+    result = api.find_best_configuration(DATASET, ws, ["fcn_r50"], options=api.StageOptions(progress=False), crf=False)
+    assert result.plan.configurations == ("fcn_r50",) and result.plan.folds["fcn_r50"] == ("0", "1", "2")
+    image = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[0]
+    summary = api.predict(image, tmp_path / "out", ws, dataset_spec=DATASET, device="cpu", options=PredictOptions(tta=False, progress=False))
+    assert not summary.failed
+    report = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert "fcn_r50" in json.dumps(report["configuration"])

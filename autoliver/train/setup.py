@@ -5,6 +5,7 @@ stages)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from autoliver.core.errors import MissingArtefactError, PlanError, StaleArtefactError, UsageError
 from autoliver.core.layout import DatasetPaths
@@ -94,13 +95,19 @@ def fold_setup(paths: DatasetPaths, configuration: str, fold: int | str, options
 
 def train_fold(paths: DatasetPaths, configuration: str, fold: int | str, options: TrainOptions | None = None,
                dist=None, components=None):
-    """Train one fold of one configuration; returns the trainer's TrainResult.
+    """Train one fold of one configuration; returns the trainer's TrainResult. A two-stage
+    design's tumour stage trains its liver stage's fold first when that is not finished.
 
     Writes ``results/<dataset>/<configuration>/fold_<k>/`` (checkpoints, log.jsonl,
     progress.png, validation/, metrics.json) and ``results/<dataset>/splits.json`` on first use.
     ``dist`` a ``DistContext`` (torchrun); ``components`` replaces the network/loader factories.
     """
     options = options or TrainOptions()
+    config = load_plans(paths).configurations.get(configuration)
+    if config is not None and config.stage == "tumour" and config.liver_stage and not paths.model.fold(config.liver_stage, fold).final.is_file():
+        log.info("%s fold %s needs its liver stage first: training %s fold %s", configuration, fold, config.liver_stage, fold)
+        train_fold(paths, config.liver_stage, fold, replace(options, resume=paths.model.fold(config.liver_stage, fold).latest.is_file()),
+                   dist, components)
     setup = fold_setup(paths, configuration, fold, options)
     log.info("%s %s fold %s: %d training, %d validation cases, network %s", paths.name, configuration, fold,
              len(setup.train_cases), len(setup.val_cases), setup.arch)
