@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from autoliver.core.errors import ImageReadError
 from autoliver.io.atomic import atomic_path
 from autoliver.io.nifti_raw import check_nifti_complete
+from autoliver.io.text_headers import check_text_header
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Im
         raise ImageReadError(f"{path}: file not found")
     if path.is_file():
         check_nifti_complete(path)
+        check_text_header(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -144,6 +146,7 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, str]:
     if path.is_dir():
         image = read_sitk(path)
         return Geometry.of(image) if image.GetDimension() == 3 else None, image.GetDimension(), image.GetPixelIDTypeAsString()
+    check_text_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
