@@ -235,6 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         roi=args.roi,
         roi_margin_mm=args.roi_margin,
         precision=args.precision,
+        series_uid=args.series,
     )
     if not 0 < options.step <= 1:
         raise UsageError(f"--step-size must be in (0, 1], got {options.step}")
@@ -488,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--roi", action=argparse.BooleanOptionalAction, default=True, help="find the liver with a coarse pass first and run the accurate pass only around it (default: on)")
     p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")
+    p.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder that holds several (its SeriesInstanceUID)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (default: %(default)s)")
     _add_common(p, jobs=False)
     p.set_defaults(func=cmd_predict)

@@ -54,6 +54,7 @@ class PredictOptions:
     roi: bool = ROI_DEFAULT  # ROI-first inference (autoliver.infer.roi)
     roi_margin_mm: float = MARGIN_MM
     precision: str = "auto"  # the models' precision (applied when they are loaded: api.predict)
+    series_uid: str | None = None  # the DICOM series to read from a folder holding several
 
 
 @dataclass
@@ -79,10 +80,10 @@ def output_path(output: Path, case_id: str) -> Path:
     return Path(output) / f"{case_id}{OUTPUT_SUFFIX}"
 
 
-def _load(model: Ensemble, case: InputCase):
+def _load(model: Ensemble, case: InputCase, series_uid: str | None = None):
     """Read and preprocess one case: (geometry, prepared, read seconds, preprocess seconds, ready time)."""
     t0 = time.perf_counter()
-    image, geometry = read_checked_image(case.path)  # int16 CT stays int16 until normalisation
+    image, geometry = read_checked_image(case.path, series_uid)  # int16 CT stays int16 until normalisation
     t1 = time.perf_counter()
     prepared = preprocess_for(model, image, geometry)
     del image
@@ -139,10 +140,10 @@ def predict_inputs(model: Model | Ensemble, source: str | Path, output: str | Pa
     try:
         def submit(case: InputCase) -> Future:
             if pool is not None:
-                return pool.submit(_load, model, case)
+                return pool.submit(_load, model, case, options.series_uid)
             fut: Future = Future()
             try:
-                fut.set_result(_load(model, case))
+                fut.set_result(_load(model, case, options.series_uid))
             except Exception as exc:  # noqa: BLE001 - reported per case below
                 fut.set_exception(exc)
             return fut

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from autoliver.core.errors import ImageReadError
 from autoliver.io.atomic import atomic_path
+from autoliver.io.dicom_checks import check_series_geometry
 from autoliver.io.nifti_raw import check_nifti_complete
 from autoliver.io.text_headers import check_text_header
 
@@ -104,7 +105,9 @@ def dicom_series_files(folder: str | os.PathLike, series_uid: str | None = None)
         series_uid = ids[0]
     elif series_uid not in ids:
         raise ImageReadError(f"{folder}: series {series_uid} not found; series present: {', '.join(ids)}")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    check_series_geometry(folder, files)
+    return files
 
 
 def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:

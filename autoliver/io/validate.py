@@ -86,7 +86,7 @@ def _read_voxels(path: Path) -> tuple[sitk.Image | None, list[str]]:
         return None, list(exc.problems)
 
 
-def read_checked_image(path: Path) -> tuple[np.ndarray, Geometry]:
+def read_checked_image(path: Path, series_uid: str | None = None) -> tuple[np.ndarray, Geometry]:
     """Read one input image (Z, Y, X) after the checks ITK's readers would silently pass:
     zero/NaN voxel size, NaN/Inf voxels, not 3D. Raises ImageReadError listing every problem."""
     path = Path(path)
@@ -94,7 +94,7 @@ def read_checked_image(path: Path) -> tuple[np.ndarray, Geometry]:
         _, problems = _header_problems(path)
         if problems:
             raise ImageReadError(problems)
-    image, geometry = read_image(path)
+    image, geometry = read_image(path, series_uid=series_uid if path.is_dir() else None)
     n_bad = _nonfinite_count(path, image)
     if n_bad:
         raise ImageReadError(f"{path}: {n_bad} NaN/Inf voxels; replace them (e.g. with the scan's minimum HU) and re-export")
