@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from planning.crop import bbox_of, body_bbox, box_shape, crop
+from planning.errors import AutoliverError
 
 FINGERPRINT_SCHEMA_VERSION = 1
 PERCENTILES = (5, 10, 50, 90, 95)
@@ -28,7 +29,7 @@ COUNT_CHUNK = 1 << 24  # voxels per bincount chunk: bounds the int64 copy to 128
 REBUILD = "re-run `autoliver plan_and_preprocess` to rebuild it"
 
 
-class FingerprintFormatError(ValueError):
+class FingerprintFormatError(AutoliverError, ValueError):
     """fingerprint.json is missing or malformed; the message names the file and the fix."""
 
 
@@ -238,8 +239,8 @@ def load_fingerprint(path: str | Path) -> dict:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FingerprintFormatError(f"{path}: not found; run `autoliver plan_and_preprocess` to create it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FingerprintFormatError(f"{path}: not valid JSON ({exc}); {REBUILD}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise FingerprintFormatError(f"{path}: not valid JSON ({type(exc).__name__}); {REBUILD}") from None
     if not isinstance(d, dict):
         raise FingerprintFormatError(f"{path}: not a JSON object; {REBUILD}")
     if d.get("schema_version") != FINGERPRINT_SCHEMA_VERSION:

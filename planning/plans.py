@@ -18,9 +18,11 @@ so plans made before these fields existed keep their hash.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from planning.errors import PlanError
 from planning.hashing import hash_json
 
 PLANS_SCHEMA_VERSION = 1
@@ -30,7 +32,7 @@ STAGES = ("single", "liver", "tumour")
 DEFAULT_NETWORK = "unet"
 
 
-class PlansFormatError(ValueError):
+class PlansFormatError(PlanError, ValueError):
     """plans.json is malformed; the message names the file and the command that makes it."""
 
 
@@ -162,13 +164,17 @@ class Plans:
                 configs[name] = Configuration(**c)
                 if configs[name].stage not in STAGES:
                     raise ValueError(f"configuration {name}: stage {configs[name].stage!r} is not one of {', '.join(STAGES)}")
+            norm = Normalisation(**d["normalisation"])
+            problems = _problems(norm, configs, d)
+            if problems:
+                raise ValueError("; ".join(problems))
             return cls(
                 dataset_name=d["dataset_name"],
                 fingerprint_hash=d["fingerprint_hash"],
                 device=d["device"],
                 memory_budget_gb=float(d["memory_budget_gb"]),
                 labels={str(k): int(v) for k, v in d["labels"].items()},
-                normalisation=Normalisation(**d["normalisation"]),
+                normalisation=norm,
                 data_spacings={k: tuple(v) for k, v in d["data_spacings"].items()},
                 configurations=configs,
                 schema_version=d["schema_version"],
@@ -184,7 +190,9 @@ class Plans:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlansFormatError(f"{path}: not found; run `autoliver plan_and_preprocess` first") from None
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise PlansFormatError(f"{path}: JSON nested too deeply to be a plans file; re-run `autoliver plan` to rebuild it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlansFormatError(f"{path}: not valid JSON ({exc}); re-run `autoliver plan` to rebuild it") from None
         return cls.from_json(d, str(path))
 
@@ -192,3 +200,33 @@ class Plans:
 _MISSING = object()
 _OPTIONAL_DEFAULTS: dict[str, object] = {"inherits_from": None, "recipe": None, "network": DEFAULT_NETWORK, "network_options": {}, "training": {},
                       "stage": "single", "liver_stage": None, "roi_margin_mm": 10.0}
+
+
+def _finite_positive(values) -> bool:
+    try:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values)
+    except TypeError:
+        return False
+
+
+def _problems(norm: Normalisation, configs: dict[str, Configuration], d: dict) -> list[str]:
+    """What makes a parsed plans.json unusable (values a reader would silently misuse)."""
+    out = []
+    numbers = (norm.clip_low, norm.clip_high, norm.mean, norm.std)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        out.append(f"normalisation values must be finite numbers, got {numbers}")
+    elif not (norm.clip_low < norm.clip_high and norm.std > 0):
+        out.append(f"normalisation needs clip_low < clip_high and std > 0, got {numbers}")
+    if not configs:
+        out.append("no configuration")
+    for name, c in configs.items():
+        if not _finite_positive(c.spacing) or len(c.spacing) != 3:
+            out.append(f"configuration {name}: spacing {c.spacing} must be three positive numbers")
+        if not _finite_positive(c.patch_size) or not all(isinstance(p, int) for p in c.patch_size) or len(c.patch_size) != c.network_dims:
+            out.append(f"configuration {name}: patch_size {c.patch_size} must be {c.network_dims} positive integers")
+        if not isinstance(c.batch_size, int) or c.batch_size < 1:
+            out.append(f"configuration {name}: batch_size {c.batch_size!r} must be a positive integer")
+    for ident, spacing in (d.get("data_spacings") or {}).items():
+        if not _finite_positive(spacing):
+            out.append(f"data_spacings[{ident}] {spacing} must be positive numbers")
+    return out

@@ -111,3 +111,19 @@ def test_a_bad_stage_in_plans_json_is_refused(plans):
     d["configurations"]["segnet_vgg16"]["stage"] = "spleen"
     with pytest.raises(ValueError, match="stage 'spleen'"):
         Plans.from_json(d)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda d: d["normalisation"].update(mean=None), "finite numbers"),
+    (lambda d: d["normalisation"].update(mean=float("nan")), "finite numbers"),
+    (lambda d: d["normalisation"].update(std=0.0), "std > 0"),
+    (lambda d: d.update(configurations={}), "no configuration"),
+    (lambda d: d["configurations"]["2d"].update(patch_size=[0, 64]), "patch_size"),
+    (lambda d: d["configurations"]["2d"].update(spacing=[1.0, 1e-400, 1.0]), "spacing"),
+    (lambda d: d["configurations"]["2d"].update(batch_size=0), "batch_size"),
+])
+def test_plans_values_a_reader_would_misuse_are_refused(plans, mutate, words):
+    d = json.loads(json.dumps(plans.to_json()))
+    mutate(d)
+    with pytest.raises(ValueError, match=words):
+        Plans.from_json(d, "plans.json")
