@@ -217,8 +217,6 @@ def _problems(norm: Normalisation, configs: dict[str, Configuration], d: dict) -
         out.append(f"normalisation values must be finite numbers, got {numbers}")
     elif not (norm.clip_low < norm.clip_high and norm.std > 0):
         out.append(f"normalisation needs clip_low < clip_high and std > 0, got {numbers}")
-    if not configs:
-        out.append("no configuration")
     for name, c in configs.items():
         if not _finite_positive(c.spacing) or len(c.spacing) != 3:
             out.append(f"configuration {name}: spacing {c.spacing} must be three positive numbers")

@@ -133,3 +133,16 @@ def test_splits_command_writes_n_folds_and_refuses_to_replace_trained_splits(tmp
     fold.latest.unlink()
     assert cli.main([*args[:-3], "--folds", "5", "--overwrite", "--no-progress"]) == 0
     assert len(json.loads(path.read_text())) == 5
+
+
+def test_plans_without_configurations_is_one_clear_error(tmp_path):
+    from autoliver.core.errors import PlanError
+    from autoliver.io.plans_file import load_plans
+
+    paths = Workspace(tmp_path).dataset("Dataset001_X")
+    paths.preprocessed.mkdir(parents=True)
+    paths.plans.write_text(json.dumps({"schema_version": 1, "dataset_name": "Dataset001_X", "fingerprint_hash": "x", "device": "cpu",
+                                       "memory_budget_gb": 8, "labels": {"background": 0}, "data_spacings": {}, "configurations": {},
+                                       "normalisation": {"scheme": "ct", "clip_low": -100, "clip_high": 200, "mean": 50, "std": 30}}))
+    with pytest.raises(PlanError, match="holds no configuration"):
+        load_plans(paths)

@@ -117,7 +117,6 @@ def test_a_bad_stage_in_plans_json_is_refused(plans):
     (lambda d: d["normalisation"].update(mean=None), "finite numbers"),
     (lambda d: d["normalisation"].update(mean=float("nan")), "finite numbers"),
     (lambda d: d["normalisation"].update(std=0.0), "std > 0"),
-    (lambda d: d.update(configurations={}), "no configuration"),
     (lambda d: d["configurations"]["2d"].update(patch_size=[0, 64]), "patch_size"),
     (lambda d: d["configurations"]["2d"].update(spacing=[1.0, 1e-400, 1.0]), "spacing"),
     (lambda d: d["configurations"]["2d"].update(batch_size=0), "batch_size"),

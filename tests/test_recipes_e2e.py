@@ -161,9 +161,12 @@ def test_training_a_tumour_stage_trains_its_liver_stage_first(ws):
 
 def test_a_recipe_is_selectable_like_a_planned_configuration(ws, tmp_path):
     paths = ws.dataset(DATASET)
+    import dataclasses
+
     for fold in range(3):
-        if not paths.model.fold("fcn_r50", fold).metrics.is_file():
-            train_fold(paths, "fcn_r50", fold, FAST)
+        fp = paths.model.fold("fcn_r50", fold)
+        if not fp.metrics.is_file():  # a fold trained above without validation is resumed and validated
+            train_fold(paths, "fcn_r50", fold, dataclasses.replace(FAST, resume=fp.latest.is_file()))
     result = api.find_best_configuration(DATASET, ws, ["fcn_r50"], options=api.StageOptions(progress=False), crf=False)
     assert result.plan.configurations == ("fcn_r50",) and result.plan.folds["fcn_r50"] == ("0", "1", "2")
     image = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[0]

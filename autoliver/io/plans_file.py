@@ -14,4 +14,7 @@ def load_plans(paths: DatasetPaths) -> Plans:
     if not paths.plans.is_file():
         raise MissingArtefactError(f"{paths.plans}: not found; {fix} first")
     read_json(paths.plans, error=PlanError, fix=f"{fix} --overwrite to rebuild it")  # a broken file gets one clear message
-    return Plans.load(paths.plans)
+    plans = Plans.load(paths.plans)
+    if not plans.configurations:
+        raise PlanError(f"{paths.plans}: holds no configuration; {fix} --overwrite to rebuild it")
+    return plans
