@@ -124,9 +124,12 @@ def _fold_training(fold_dir_final: Path) -> dict:
     history = state.get("history") or []
     config = state.get("configuration") or {}
     batch = int(config.get("batch_size", 1))
-    iters = sum(int(r.get("iterations", state.get("iters_per_epoch") or 0)) for r in history)
-    seconds = float(state.get("train_seconds") or sum(float(r.get("epoch_s", 0.0)) for r in history))
-    return {"samples": iters * batch, "seconds": seconds, "arch": (state.get("network") or {}).get("arch", "unet")}
+    # samples/s over the training iterations themselves (the log's per-epoch samples and train_s);
+    # the fold's whole time (setup, validation batches, checkpoints, final validation) is train_seconds
+    samples = sum(float(r.get("samples", int(r.get("iters", state.get("iters_per_epoch") or 0)) * batch)) for r in history)
+    seconds = sum(float(r.get("train_s", r.get("epoch_s", 0.0))) for r in history)
+    total = float(state.get("train_seconds") or seconds)
+    return {"samples": samples, "seconds": seconds, "total_seconds": total, "arch": (state.get("network") or {}).get("arch", "unet")}
 
 
 def score_fold(paths: DatasetPaths, config: Configuration, fold: int | str, clock: Callable[[], float] = time.perf_counter) -> dict:
@@ -163,7 +166,7 @@ def summarise_configuration(config: Configuration, per_case: dict[str, dict], tr
         "configuration": config.name, "network": training[0]["arch"] if training else config.network, "stage": config.stage,
         "folds": n_folds, "cases": len(per_case),
         "lesion_recall": tp / (tp + fn) if tp + fn else None, "parameters": params, "gflops_per_patch": round(gflops, 3),
-        "train_samples_per_s": samples / seconds if seconds else None, "train_minutes": seconds / 60,
+        "train_samples_per_s": samples / seconds if seconds else None, "train_minutes": sum(t["total_seconds"] for t in training) / 60,
         "inference_s_per_case": inference_s, "peak_memory_gib": max((p for p in peaks if p is not None), default=None),
     }
     for s in ("liver", "tumour"):
@@ -223,8 +226,8 @@ def compare_configurations(paths: DatasetPaths, configurations: Sequence[str], o
 
 def table(result: dict) -> str:
     """The comparison as a Markdown table."""
-    shown = ("configuration", "liver_dice", "tumour_dice", "liver_hd95_mm", "lesion_recall", "parameters", "gflops_per_patch",
-             "train_samples_per_s", "inference_s_per_case", "peak_memory_gib")
+    shown = ("configuration", "liver_dice", "tumour_dice", "liver_iou", "liver_hd95_mm", "lesion_recall", "parameters", "gflops_per_patch",
+             "train_samples_per_s", "train_minutes", "inference_s_per_case", "peak_memory_gib")
 
     def fmt(v) -> str:
         if v is None:
