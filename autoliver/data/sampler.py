@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoliver.core.geometry import check_spacing, margin_voxels
 from autoliver.core.labels import STRUCTURES
 
 RANDOM, FOREGROUND, TUMOUR = 0, 1, 2
@@ -222,11 +223,9 @@ def jittered_box(bbox: Box, shape: Sequence[int], spacing: Sequence[float], marg
     [-1, 1] (symmetric: as often in as out). The box is clipped to the volume ``shape`` and
     keeps at least one voxel along each axis.
     """
-    spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (3,) or not np.all(spacing > 0):
-        raise ValueError(f"spacing must be 3 positive numbers (z, y, x) mm, got {spacing.tolist()}")
+    spacing = np.asarray(check_spacing(spacing), dtype=np.float64)
     move = np.rint(rng.uniform(-1.0, 1.0, size=(2, 3)) * (float(jitter_mm) / spacing)).astype(np.int64)
-    margin = np.ceil(float(margin_mm) / spacing - 1e-9).astype(np.int64)
+    margin = np.asarray(margin_voxels(spacing, margin_mm), dtype=np.int64)
     out = []
     for axis in range(3):
         (a, b), n = bbox[axis], int(shape[axis])

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from autoliver.core.geometry import check_spacing, margin_voxels
 from autoliver.core.labels import LIVER, STRUCTURES, TUMOUR
 from autoliver.data.sampler import liver_bbox
 from autoliver.infer.sliding_window import argmax_labels
@@ -85,15 +86,13 @@ def liver_roi_box(labels: np.ndarray, spacing: Sequence[float], margin_mm: float
     ``min_size`` where shorter; None when there is no liver."""
     if not (math.isfinite(float(margin_mm)) and float(margin_mm) >= 0):
         raise ValueError(f"the ROI margin must be a finite number >= 0 mm, got {margin_mm}")
-    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive numbers (z, y, x) mm, got {list(spacing)}")
+    margins = margin_voxels(check_spacing(spacing), margin_mm)
     bbox = liver_bbox(labels, STRUCTURES["liver"])
     if bbox is None:
         return None
     box = []
     for axis, (a, b) in enumerate(bbox):
-        n = int(labels.shape[axis])
-        m = int(math.ceil(float(margin_mm) / float(spacing[axis]) - 1e-9))
+        n, m = int(labels.shape[axis]), margins[axis]
         a, b = max(0, a - m), min(n, b + m)
         need = min(n, int(min_size[axis]) if axis < len(min_size) else 0)
         if b - a < need:
