@@ -213,17 +213,15 @@ def add_configuration(dataset_spec: str | Path, workspace: Workspace, recipes: l
     folders they need (configurations already there, and their trained folds, stay valid)."""
     from autoliver.io.plans_file import load_plans as load
     from autoliver.preprocess.runner import preprocess_dataset
+    from planning.fingerprint import load_fingerprint
+    from planning.recipes import RECIPES
 
     t0 = time.perf_counter()
     dataset = validate(dataset_spec, workspace, options)
     paths = workspace.dataset(dataset.name)
-    from planning.fingerprint import load_fingerprint
-
     fp = load_fingerprint(paths.fingerprint) if paths.fingerprint.is_file() else None
     plans = with_recipes(load(paths), recipes, overrides, fingerprint=fp)
     write_plans(plans, paths.plans)
-    from planning.recipes import RECIPES
-
     names = [c for r in recipes for c in RECIPES[r].configuration_names]
     data_ids = sorted({plans.configurations[c].data_identifier for c in names})
     result = preprocess_dataset(dataset, plans, paths.preprocessed, data_identifiers=data_ids, n_jobs=options.n_jobs,

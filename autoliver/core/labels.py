@@ -46,11 +46,11 @@ def label_values(array: np.ndarray) -> np.ndarray:
     return np.unique(array)
 
 
-def label_value_problems(path: str | Path, array: np.ndarray, allowed: Collection[int] = LABEL_VALUES,
+def label_value_problems(path: str | Path, array: np.ndarray, allowed: Collection[int] | None = LABEL_VALUES,
                          allowed_from: str = "") -> list[str]:
     """Problems of a label map's values, naming ``path``: NaN/Inf, non-integer values, or values
-    outside ``allowed``. ``allowed_from`` says where the allowed set comes from (e.g. the
-    dataset.json); by default the 0/1/2 convention."""
+    outside ``allowed`` (None: any integer). ``allowed_from`` says where the allowed set comes
+    from (e.g. the dataset.json); by default the 0/1/2 convention."""
     if np.issubdtype(array.dtype, np.floating):
         n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if n_bad:
@@ -65,6 +65,8 @@ def label_value_problems(path: str | Path, array: np.ndarray, allowed: Collectio
         values = label_values(array).astype(np.int64)
     else:
         return [f"{path}: label map has dtype {array.dtype}; labels must be integers: re-export it as uint8"]
+    if allowed is None:
+        return []
     allowed = set(int(v) for v in allowed)
     extra = sorted(int(v) for v in values if int(v) not in allowed)
     if not extra:

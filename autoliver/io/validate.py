@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoliver.core.errors import DatasetError, ImageReadError
-from autoliver.core.labels import LABEL_VALUES, label_value_problems
+from autoliver.core.labels import label_value_problems
 from autoliver.core.parallel import parallel_map
 from autoliver.io.dataset import Case, RawDataset, discover
 from autoliver.io.images import Geometry, read_header, read_image, read_sitk
@@ -117,10 +117,8 @@ def geometry_mismatch(ref_path: Path, ref: Geometry, path: Path, geom: Geometry,
 
 
 def _label_value_problems(path: Path, array: np.ndarray, declared: set[int]) -> list[str]:
-    problems = label_value_problems(path, array, declared or LABEL_VALUES, allowed_from='dataset.json "labels"')
-    if not declared:  # discover already reported the missing "labels": keep only problems of the values' type
-        problems = [p for p in problems if "not declared" not in p]
-    return problems
+    # without declared labels (discover reported that already) only the values' type is checked
+    return label_value_problems(path, array, declared or None, allowed_from='dataset.json "labels"')
 
 
 def _check_case(case: Case, declared: set[int], root: Path, tol: Tolerances, is_test: bool) -> list[str]:

@@ -49,14 +49,15 @@ def size_configuration(config: Configuration, budget_gb: float, device: str) -> 
     per_sample = max(1.0, two - one)
     fits = int((budget - one) // per_sample) + 1 if one <= budget else 0
     batch = max(1, min(int(config.batch_size), fits))
-    note = (f"{config.network} at patch {list(patch)}: batch {batch} estimated at {training_bytes(config, batch, device) / GIB:.2f} GiB "
+    need = training_bytes(config, batch, device)
+    note = (f"{config.network} at patch {list(patch)}: batch {batch} estimated at {need / GIB:.2f} GiB "
             f"of the {budget_gb:.1f} GiB {device} budget")
     if patch != planned:
         note += f" (patch shrunk from {list(planned)} to fit)"
     if fits == 0:
         note = (f"does not fit: {config.network} at patch {list(patch)} needs about {one / GIB:.2f} GiB for one sample, more than the "
                 f"{budget_gb:.1f} GiB {device} budget; train it with a smaller patch (--patch) or on a larger device")
-    return replace(config, batch_size=batch, estimated_memory_gb=round(training_bytes(config, batch, device) / GIB, 3),
+    return replace(config, batch_size=batch, estimated_memory_gb=round(need / GIB, 3),
                    extra={**config.extra, "sizing": note, "fits_budget": fits > 0})
 
 

@@ -67,7 +67,3 @@ class CaseProperties:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StaleArtefactError(f"{source}: malformed ({type(exc).__name__}: {exc}); {fix}") from None
-
-    @property
-    def original_shape(self) -> tuple[int, ...]:
-        return tuple(self.geometry.shape)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import multiprocessing
@@ -239,7 +238,3 @@ def table(result: dict) -> str:
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in result["rows"]]
     return "\n".join(lines)
-
-
-def load_result(paths: DatasetPaths) -> dict:
-    return json.loads((paths.model.root / "compare" / "compare.json").read_text(encoding="utf-8"))
