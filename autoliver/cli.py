@@ -207,7 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
-    result = api.train(args.dataset, args.configuration, args.fold, _workspace(args), options, dist=dist)
+    dataset, configuration, fold = _train_target(args)
+    result = api.train(dataset, configuration, fold, _workspace(args), options, dist=dist)
     if dist is None or dist.is_main:
         print(f"trained {result.epochs} epoch(s): {result.output_dir}")
         if result.metrics:
@@ -324,7 +325,7 @@ def cmd_find_best_configuration(args: argparse.Namespace) -> int:
     from autoliver import api
     from autoliver.selection import postprocessing_table
 
-    result = api.find_best_configuration(args.dataset, _workspace(args), configurations=args.configurations, options=_options(args), crf=not args.no_crf)
+    result = api.find_best_configuration(_dataset(args), _workspace(args), configurations=args.configurations, options=_options(args), crf=not args.no_crf)
     for config, message in result.skipped.items():
         print(f"left out {config}: {message}")
     evidence = result.plan.evidence
@@ -355,6 +356,21 @@ def _dataset(args: argparse.Namespace) -> str:
     if len(set(given)) != 1:
         raise UsageError("give the dataset once: as DATASET or as -d DATASET (a folder, a name or a numeric id)")
     return given[0]
+
+
+def _train_target(args: argparse.Namespace) -> tuple[str, str, int | str]:
+    """(dataset, configuration, fold) from ``train DATASET CONFIG FOLD`` or ``train -d DATASET CONFIG FOLD``."""
+    given = list(args.positionals)
+    if args.dataset_option is not None:
+        given.insert(0, args.dataset_option)
+    if len(given) != 3:
+        raise UsageError("train takes the dataset, the configuration and the fold: `autoliver train DATASET CONFIG FOLD` "
+                         "or `autoliver train -d DATASET CONFIG FOLD`")
+    dataset, configuration, fold = given
+    try:
+        return dataset, configuration, _fold(fold)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _add_common(p: argparse.ArgumentParser, jobs: bool = True) -> None:
@@ -450,9 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_add_configuration)
 
     p = sub.add_parser("train", help="train one fold of one configuration", description="Train a configuration's network on one cross-validation fold (or on every case: fold 'all'), then validate it on the fold's held-out cases. Start with torchrun for several processes/devices.")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or numeric id (as preprocessed)")
-    p.add_argument("configuration", metavar="CONFIG", help="2d, 2.5d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
-    p.add_argument("fold", metavar="FOLD", type=_fold, help="0..4, or 'all' to train on every case")
+    p.add_argument("positionals", nargs="+", metavar="[DATASET] CONFIG FOLD",
+                   help="the dataset (folder, name or numeric id; or give it as -d), the configuration (2d, 2.5d, 3d_fullres, "
+                   "3d_lowres, 3d_cascade_fullres or a recipe's) and the fold (0..4, or 'all' to train on every case)")
+    p.add_argument("-d", "--dataset", dest="dataset_option", metavar="DATASET", help="the dataset, as nnU-Net spells it")
     p.add_argument("--epochs", type=int, default=1000, help="epochs to train (default: %(default)s); with --continue, more than before extends training")
     p.add_argument("--iters-per-epoch", type=int, default=250, help="training iterations per epoch (default: %(default)s)")
     p.add_argument("--val-iters", type=int, default=50, help="validation batches per epoch for the pseudo-Dice (default: %(default)s)")
@@ -536,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("find_best_configuration", help="choose the best configuration/ensemble and post-processing on cross-validation", description="Score every trained configuration and every ensemble of them (softmax averages) on the cross-validation predictions (liver and tumour Dice, LiTS rule), decide each post-processing step, print a ranked table and write results/<dataset>/inference_plan.json, which `autoliver predict` uses by default.")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or numeric id (as trained)")
+    _add_dataset(p)
     p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="configurations to consider (default: every one with all folds trained)")
     p.add_argument("--no-crf", action="store_true", help="do not try the dense CRF (the slowest step to evaluate); it stays off")
     _add_common(p, jobs=False)
