@@ -1,14 +1,26 @@
 """Atomic writes: write under a temporary name in the target folder, then rename.
 
 A crash at any point leaves either the old file or the new one, never half of one.
+
+Temporary names are hidden and carry their writer, ``.<name>.<host>-<pid>.<random>.tmp<suffix>``
+(folders: ``.building`` / ``.old``), so that a later run can tell the leftovers of a killed
+process (same host, process gone) from the files a live writer is still working on, and remove
+them: ``remove_stale_temporaries(folder)``, called by every stage on the folders it writes.
+
+An ``OSError`` raised while writing (disk full, quota, read-only file system, permission
+denied) is raised again naming the file that was being written when the error itself names
+none, so the message says where.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -16,6 +28,70 @@ from pathlib import Path
 from typing import Any
 
 from planning.hashing import json_default
+
+log = logging.getLogger(__name__)
+
+_STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[0-9a-z_]{8,16}\.(?:tmp.*|building|old)$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _owner() -> str:
+    """``<host>-<pid>`` of this process (the pid is read at every call: forked workers differ)."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files and folders in ``folder`` left by a process of this host that no
+    longer runs (killed mid-write)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, stale = _host(), []
+    for entry in folder.iterdir():
+        m = _STALE_RE.match(entry.name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            stale.append(entry)
+    return sorted(stale)
+
+
+def remove_stale_temporaries(*folders: str | os.PathLike) -> int:
+    """Remove what ``stale_temporaries`` finds in each folder; returns how many were removed."""
+    removed = 0
+    for folder in folders:
+        for entry in stale_temporaries(folder):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    return removed
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file (ENOSPC from a write, ...) naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:  # named already, or autoliver's own message
+            raise
+        raise type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
 
 
 @contextlib.contextmanager
@@ -27,12 +103,13 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+    tmp_path = target.parent / f".{target.name}.{_owner()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     # created here (not by mkstemp, which makes 0600 files) so the umask gives the usual mode
     os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        with naming(target):
+            yield tmp_path
+            os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -46,11 +123,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     either the old folder or the new one, never half of one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".building", dir=target.parent))
     try:
         yield tmp
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

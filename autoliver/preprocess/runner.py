@@ -28,7 +28,7 @@ from pathlib import Path
 
 from autoliver.core.layout import PLANS
 from autoliver.core.parallel import parallel_map
-from autoliver.io.atomic import write_json
+from autoliver.io.atomic import remove_stale_temporaries, write_json
 from autoliver.io.dataset import Case, RawDataset
 from autoliver.io.images import read_image
 from autoliver.preprocess.case import iter_preprocessed
@@ -151,6 +151,7 @@ def preprocess_dataset(dataset: RawDataset, plans: Plans, out_root: Path, data_i
     log.info("preprocessing %d case(s) for %s (%d already done) with %d job(s)", len(todo), identifiers, len(skipped), n_jobs)
     for ident in identifiers:
         (out_root / ident).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_root, *(out_root / i for i in identifiers))
 
     timings, peaks, pads = {}, [], {}
     args = [(case, plans_json, out_root, identifiers) for case in todo]
