@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoliver.core.errors import PlanError, UsageError
-from autoliver.core.layout import DATASET_NAME_RE, Workspace, dataset_name, resolve_dataset
+from autoliver.core.layout import DATASET_NAME_RE, Workspace, dataset_name, inside, resolve_dataset
 from autoliver.io.atomic import write_json
 from autoliver.io.dataset import RawDataset
 from autoliver.train.options import TrainOptions
@@ -255,13 +255,21 @@ def resolve_model_dir(workspace: Workspace, model_dir: str | Path | None = None,
     if (model_dir is None) == (dataset_spec is None):
         raise UsageError("give exactly one of a model folder (-m MODEL_DIR) and a dataset (-d DATASET)")
     if model_dir is not None:
-        return Path(model_dir).expanduser().resolve()
+        from autoliver.io.model_package import is_model_package, resolve_model_package
+
+        path = Path(model_dir).expanduser().resolve()
+        if not is_model_package(path):
+            return path
+        if workspace is None:
+            raise UsageError(f"{path}: a model package needs a workspace to be installed in (--workspace), or install it first with `autoliver install_model`")
+        return resolve_model_package(path, workspace.models / ".cache")
     return workspace.results(dataset_name(dataset_spec, workspace))
 
 
 def predict(input_path: str | Path, output: str | Path, workspace: Workspace, model_dir: str | Path | None = None,
             dataset_spec: str | Path | None = None, configuration: str | list[str] | None = None, folds: list[str] | None = None,
-            device: str = "auto", options: PredictOptions | None = None) -> PredictSummary:
+            device: str = "auto", options: PredictOptions | None = None,
+            checkpoint: str = "checkpoint_final.pth") -> PredictSummary:
     """Segment every case of ``input_path`` (file, folder of images, DICOM series folders) into
     ``output``: ``<case>.nii.gz`` in the input's geometry and ``<case>.json`` (the report).
 
@@ -270,11 +278,25 @@ def predict(input_path: str | Path, output: str | Path, workspace: Workspace, mo
     else the first trained configuration. ``options`` is an
     ``autoliver.infer.runner.PredictOptions``; returns a ``PredictSummary`` whose ``failed``
     lists the cases that could not be predicted.
+
+    ``model_dir`` may also be a model trained by nnU-Net v2 (its ``Trainer__Plans__config``
+    folder, a folder holding such folders, or its export zip): it is then predicted with
+    nnU-Net's own preprocessing and tiling (``autoliver.infer.nnunet_model``), ``checkpoint``
+    per fold (default ``checkpoint_final.pth``, else ``checkpoint_best.pth``); ``configuration``
+    picks one model when there are several.
     """
     from autoliver.infer.ensemble import load_ensemble
+    from autoliver.infer.nnunet_model import is_nnunet_model, load_nnunet_model
     from autoliver.infer.runner import PredictOptions, predict_inputs
 
     options = options or PredictOptions()
+    if model_dir is not None and is_nnunet_model(Path(model_dir).expanduser()):
+        configs = [configuration] if isinstance(configuration, str) else list(configuration or [])
+        if len(configs) > 1:
+            raise UsageError(f"{model_dir}: an nnU-Net model is predicted one configuration at a time; got {', '.join(configs)}")
+        model = load_nnunet_model(Path(model_dir).expanduser(), folds, checkpoint, device, configs[0] if configs else None,
+                                  options.precision)
+        return predict_inputs(model, input_path, output, options)
     ensemble = load_ensemble(resolve_model_dir(workspace, model_dir, dataset_spec), configuration, folds, device, options.precision)
     return predict_inputs(ensemble, input_path, output, options)
 
@@ -371,6 +393,42 @@ def postprocess(input_dir: str | Path, output_dir: str | Path, plan_path: str | 
     return postprocess_folder(input_dir, output_dir, plan_path, images_dir=images_dir, overwrite=options.overwrite, progress=options.progress)
 
 
+def export_model(dataset_spec: str | Path, workspace: Workspace, configurations: list[str] | None = None, folds: list[str] | None = None,
+                 output: str | Path = "model.zip", name: str | None = None, overwrite: bool = False) -> Path:
+    """Write a self-contained model package (``autoliver.io.model_package``) of the dataset's
+    model folder: plans, inference plan, dataset.json, weights-only checkpoints of the chosen
+    configurations' folds (default: the inference plan's, else every trained one) and a
+    manifest with hashes and a model card; returns the package's path."""
+    from autoliver.core.errors import DatasetError
+    from autoliver.io.jsonfile import read_json
+    from autoliver.io.model_package import export_package
+
+    paths = workspace.dataset(dataset_name(dataset_spec, workspace))
+    dataset_json = None
+    try:
+        raw_json = resolve_dataset(paths.name, workspace) / "dataset.json"
+    except DatasetError:  # artefacts copied without the raw dataset
+        raw_json = None
+    if raw_json is not None and raw_json.is_file():
+        dataset_json = read_json(raw_json, PlanError, "fix it or run `autoliver validate`")
+    else:
+        log.warning("%s: no raw dataset.json in the workspace; the package's dataset.json is rebuilt from plans.json", paths.name)
+    fingerprint = read_json(paths.fingerprint, PlanError, "run `autoliver plan_and_preprocess`") if paths.fingerprint.is_file() else None
+    return export_package(paths.results, output, dataset_json, fingerprint, configurations, folds, name=name, overwrite=overwrite)
+
+
+def install_model(package: str | Path, workspace: Workspace | None = None, target: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Check and unpack a model package into ``target`` (default: ``<workspace>/models/<package
+    name>/``); returns the model folder, usable as ``predict -m``. Installing the same package
+    again changes nothing; a tampered or unsafe package is refused and nothing is written."""
+    from autoliver.io.model_package import install_package, package_name
+
+    if (workspace is None) == (target is None):
+        raise UsageError("give exactly one of a workspace (--workspace) and a target folder (-o)")
+    folder = Path(target) if target is not None else inside(workspace.models, package_name(package), "package name")
+    return install_package(package, folder, overwrite=overwrite)
+
+
 __all__ = [
     "CONFIGURATION_NAMES",
     "StageOptions",
@@ -396,4 +454,6 @@ __all__ = [
     "postprocess",
     "compare",
     "write_splits",
+    "export_model",
+    "install_model",
 ]

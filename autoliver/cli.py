@@ -240,7 +240,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     if not 0 < options.step <= 1:
         raise UsageError(f"--step-size must be in (0, 1], got {options.step}")
-    ws = _workspace(args) if args.dataset is not None else None
+    # a model package given as -m is installed once under the workspace's models/.cache/
+    ws = _workspace(args) if args.dataset is not None or str(args.model).lower().endswith(".zip") else None
     summary = api.predict(args.input, args.output, ws, model_dir=args.model, dataset_spec=args.dataset,
                           configuration=args.configuration, folds=args.folds, device=args.device, options=options)
     print(f"{summary.output}: {len(summary.predicted)} predicted, {len(summary.skipped)} already there, {len(summary.failed)} failed")
@@ -334,6 +335,23 @@ def cmd_find_best_configuration(args: argparse.Namespace) -> int:
     print(f"post-processing of {result.chosen} ({evidence['postprocessing_rule']}):")
     print(postprocessing_table(result.plan.postprocessing))
     print(f"chosen: {result.chosen}; wrote {result.path}")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from autoliver import api
+
+    out = api.export_model(_dataset(args), _workspace(args), args.configurations, args.folds, args.output, name=args.name,
+                           overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_install_model(args: argparse.Namespace) -> int:
+    from autoliver import api
+
+    folder = api.install_model(args.package, None if args.output else _workspace(args), args.output, overwrite=args.overwrite)
+    print(f"installed in {folder}; predict with: autoliver predict -i INPUT -o OUTPUT -m {folder}")
     return 0
 
 
@@ -558,6 +576,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crf", action="store_true", help="do not try the dense CRF (the slowest step to evaluate); it stays off")
     _add_common(p, jobs=False)
     p.set_defaults(func=cmd_find_best_configuration)
+
+    p = sub.add_parser("export_model", help="write a trained model as one portable, verifiable zip", description="Write a model package: plans.json, inference_plan.json, dataset.json, weights-only checkpoints of the chosen configurations' folds and manifest.json (versions, sha256 of every file, hashes, a model card with the cross-validation Dice and the intended use).")
+    _add_dataset(p)
+    p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="configurations to export (default: the inference plan's, else every trained one); stages they depend on come along")
+    p.add_argument("-f", "--folds", nargs="+", metavar="FOLD", help="folds to export (default: the inference plan's, else every trained fold)")
+    p.add_argument("-o", "--output", default="model.zip", help="package to write (default: %(default)s)")
+    p.add_argument("--name", help="name it installs under (default: the dataset name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_export_model)
+
+    p = sub.add_parser("install_model", help="check and unpack a model package", description="Check a model package (format, every file's sha256, no unexpected or unsafe members) and unpack it into <workspace>/models/<name>/ (or -o DIR), a model folder for `autoliver predict -m`. Installing the same package again changes nothing.")
+    p.add_argument("package", help="the model package (.zip) from autoliver export_model")
+    p.add_argument("-o", "--output", metavar="DIR", help="install into DIR instead of <workspace>/models/<name>/")
+    p.add_argument("--overwrite", action="store_true", help="replace another model installed there")
+    _add_common(p, jobs=False)
+    p.set_defaults(func=cmd_install_model)
 
     p = sub.add_parser("postprocess", help="apply an inference plan's post-processing to existing predictions", description="Apply the post-processing steps enabled in inference_plan.json to the <case>.nii.gz label maps of a folder; <case>.json reports are recomputed.")
     p.add_argument("-i", "--input", required=True, help="folder of predicted <case>.nii.gz (and <case>.json, <case>.npz)")

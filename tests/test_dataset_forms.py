@@ -21,6 +21,7 @@ COMMANDS = {
     "compare": ("compare", ["compare", None, "-c", "2d", "3d_fullres", "--budget-minutes", "1"]),
     "train": ("train", ["train", None, "2d", "0"]),
     "find_best_configuration": ("find_best_configuration", ["find_best_configuration", None]),
+    "export_model": ("export_model", ["export_model", None, "-o", "m.zip"]),
     "predict": ("resolve_model_dir", ["predict", "-i", "in", "-o", "out", "-d", None]),
     "report": ("report_dataset", ["report", "-o", "r.html", "-d", None]),
 }

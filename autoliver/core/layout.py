@@ -195,6 +195,12 @@ class Workspace:
     def results(self, dataset_name: str) -> Path:
         return inside(self.root / "results", dataset_name, "dataset name")
 
+    @property
+    def models(self) -> Path:
+        """Installed model packages: ``models/<name>/``, and ``models/.cache/`` for packages
+        given to ``predict -m`` directly."""
+        return self.root / "models"
+
     def dataset(self, dataset_name: str) -> DatasetPaths:
         return DatasetPaths(dataset_name, self.preprocessed(dataset_name), self.results(dataset_name))
 

@@ -14,23 +14,34 @@ Building checks everything ``check_submission`` checks, before the zip exists: a
 any case stops the build with every problem listed, and nothing is written. With the test
 volumes given, each segmentation is written with its volume's geometry as read from the
 volume's header (after checking that they agree within the validation tolerances).
+
+Checking a zip reads it with ``autoliver.io.archive`` (escaping paths, links, duplicates and
+damaged members are refused or reported, never a traceback) and extracts one member at a time.
+A member whose declared size is far beyond what a uint8 segmentation of its volume can be (a
+zip bomb) is reported without being inflated, and one that inflates past its declared size is
+stopped there. The stored voxel type is read from the raw NIfTI header: LiTS wants uint8
+labels, so a float32 file is invalid even when its values are 0/1/2, as is one that stores a
+scaling (``scl_slope``/``scl_inter``) or NaN/Inf voxels (which ITK reads as 0).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from autoliver.core.errors import DatasetError, ImageReadError, UsageError
 from autoliver.core.labels import label_value_problems
+from autoliver.io.archive import ArchiveError, ArchiveLimits, ArchiveMember, GiB, MiB, iter_member, open_checked
 from autoliver.io.atomic import atomic_path
 from autoliver.io.images import Geometry, image_suffix, read_header, read_image, write_image
+from autoliver.io.nifti_raw import check_nifti_header, nifti_nonfinite_count
 from autoliver.io.validate import Tolerances, geometry_mismatch
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,11 @@ log = logging.getLogger(__name__)
 LITS_TEST_CASES = 70
 UINT8 = "8-bit unsigned integer"
 SUBMISSION_RE = re.compile(r"^test-segmentation-(?P<n>\d+)\.nii$")
+NIFTI_HEADER_BYTES = 352  # a single-file NIfTI-1 header and its extension flag
+MAX_SEGMENTATION_BYTES = 512 * 512 * 2048 + MiB  # a uint8 volume of 512 x 512 x 2048 voxels and a header (LiTS test volumes have at most ~1000 slices)
+WIDEST_VOXEL = 8  # float64: a segmentation stored as a wider type is still read, to report its type
+# label maps compress a thousandfold when empty, so no ratio bound; sizes are bounded per case instead
+SUBMISSION_LIMITS = ArchiveLimits(max_total_bytes=LITS_TEST_CASES * 4 * GiB, max_member_bytes=4 * GiB, max_members=1000, max_ratio=None)
 _CASE_RE = re.compile(r"^(?:test-volume-|test-segmentation-|liver_test_)(?P<n>\d+)(?:_0000)?$")
 
 
@@ -91,9 +107,7 @@ def _case_problems(path: Path, shown: Path, volume: tuple[Path, Geometry | None]
         return [str(exc).replace(str(path), str(shown))], None, None
     if dim != 3 or geometry is None:
         return [f"{shown}: is a {dim}D image; a segmentation must be one 3D volume"], None, None
-    problems = []
-    if check_dtype and pixel_type != UINT8:
-        problems.append(f"{shown}: stored as {pixel_type}; LiTS expects {UINT8} (uint8) labels: rebuild it with autoliver submit")
+    problems = _stored_type_problems(path, shown, pixel_type, check_dtype)
     if volume is not None:
         vol_path, vol_geom = volume
         if vol_geom is None:
@@ -106,6 +120,45 @@ def _case_problems(path: Path, shown: Path, volume: tuple[Path, Geometry | None]
         return problems + [str(exc).replace(str(path), str(shown))], None, None
     problems += label_value_problems(shown, array)
     return problems, array, geometry
+
+
+def _stored_type_problems(path: Path, shown: Path, pixel_type: str, check_dtype: bool = True) -> list[str]:
+    """The stored voxels (from the raw NIfTI header when it is one): NaN/Inf are always a problem;
+    with ``check_dtype`` also a type other than uint8, or a value scaling."""
+    fix = "rebuild it with autoliver submit"
+    try:
+        header = check_nifti_header(path)
+        nonfinite = nifti_nonfinite_count(path) if header is not None else None
+    except ImageReadError as exc:
+        return [str(exc).replace(str(path), str(shown))]
+    problems = []
+    if check_dtype and header is None and pixel_type != UINT8:
+        problems.append(f"{shown}: stored as {pixel_type}; LiTS expects {UINT8} (uint8) labels: {fix}")
+    if check_dtype and header is not None:
+        if header.dtype.kind != "u" or header.dtype.itemsize != 1:
+            problems.append(f"{shown}: stored as {pixel_type} ({header.dtype.name} in the NIfTI header); LiTS expects {UINT8} (uint8) labels: {fix}")
+        slope, inter = (float(header.header["scl_slope"]), float(header.header["scl_inter"]))
+        if (math.isfinite(slope) and slope not in (0.0, 1.0)) or (math.isfinite(inter) and inter != 0.0):  # NaN or 0: no scaling
+            problems.append(f"{shown}: stores a value scaling (scl_slope {slope:g}, scl_inter {inter:g}), so readers see scaled floats, "
+                            f"not labels; write plain uint8 labels: {fix}")
+    if nonfinite:
+        problems.append(f"{shown}: holds {nonfinite} NaN/Inf voxels (read as 0 by ITK); labels must be integers 0, 1, 2: fix the prediction")
+    return problems
+
+
+def _size_problem(member: ArchiveMember, shown: Path, volume: tuple[Path, Geometry | None] | None) -> str | None:
+    """A member whose declared size no segmentation of its volume can have: reported, not inflated."""
+    geometry = None if volume is None else volume[1]
+    if geometry is None:
+        limit, what = MAX_SEGMENTATION_BYTES, f"{MAX_SEGMENTATION_BYTES // MiB} MiB, the most a uint8 segmentation of up to 512 x 512 x 2048 voxels takes"
+    else:
+        n_voxels = int(np.prod(geometry.shape))
+        limit = WIDEST_VOXEL * (NIFTI_HEADER_BYTES + n_voxels) + MiB
+        what = f"{limit} bytes (a uint8 segmentation of {volume[0].name}, shape {geometry.shape}, is {NIFTI_HEADER_BYTES + n_voxels} bytes)"
+    if member.size <= limit:
+        return None
+    return (f"{shown}: declares {member.size} bytes unpacked ({member.compressed_size} compressed), more than {what}; "
+            "not extracted (a zip bomb, or not a uint8 segmentation of this volume)")
 
 
 def _missing_and_extra(present: set[int], expected: set[int], where: Path, volumes) -> list[str]:
@@ -156,11 +209,18 @@ def build_submission(prediction_dir: str | Path, output: str | Path, test_dir: s
     return output
 
 
-def _members(path: Path) -> list[str]:
+def _members(path: Path) -> dict[str, ArchiveMember | None]:
+    """File name -> its zip member (None in a folder); ArchiveError for a refused zip."""
     if path.is_dir():
-        return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    with zipfile.ZipFile(path) as zf:
-        return sorted(name for name in zf.namelist() if not name.endswith("/"))
+        return {str(p.relative_to(path)): None for p in sorted(path.rglob("*")) if p.is_file()}
+    return {m.name: m for m in sorted(open_checked(path, SUBMISSION_LIMITS), key=lambda m: m.name) if not m.is_dir}
+
+
+def _unzipped(path: Path, member: ArchiveMember, local: Path) -> Path:
+    with open(local, "wb") as dst:
+        for data in iter_member(path, member):
+            dst.write(data)
+    return local
 
 
 def check_submission(path: str | Path, test_dir: str | Path | None = None, n_cases: int | None = None,
@@ -176,9 +236,13 @@ def check_submission(path: str | Path, test_dir: str | Path | None = None, n_cas
         return [f"{path}: not a zip file; a LiTS submission is a zip of test-segmentation-N.nii files"]
     volumes = _volume_geometries(Path(test_dir).expanduser() if test_dir is not None else None)
     expected = set(volumes) if volumes is not None else set(range(LITS_TEST_CASES if n_cases is None else n_cases))
+    try:
+        members = _members(path)
+    except ArchiveError as exc:
+        return exc.problems
     problems: list[str] = []
     present: dict[int, str] = {}
-    for name in _members(path):
+    for name in members:
         m = SUBMISSION_RE.match(Path(name).name)
         if m and "/" in name:
             problems.append(f"{path / name}: inside a folder; put the file at the {'zip' if path.is_file() else 'folder'}'s root")
@@ -190,21 +254,21 @@ def check_submission(path: str | Path, test_dir: str | Path | None = None, n_cas
             present[int(m["n"])] = name
     problems += _missing_and_extra(set(present), expected, path, volumes)
     with tempfile.TemporaryDirectory(prefix=".autoliver-check-") as tmp:
-        zf = zipfile.ZipFile(path) if path.is_file() else None
-        try:
-            for n in tqdm(sorted(present), desc="check", unit="case", disable=not progress):
-                shown = path / present[n]
-                if zf is None:
-                    local = shown
-                else:
-                    local = Path(tmp) / submission_name(n)
-                    with zf.open(present[n]) as src, open(local, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                volume = None if volumes is None or n not in volumes else volumes[n]
-                problems += _case_problems(local, shown, volume, tolerances)[0]
-                if zf is not None:
-                    local.unlink()
-        finally:
-            if zf is not None:
-                zf.close()
+        for n in tqdm(sorted(present), desc="check", unit="case", disable=not progress):
+            shown, member = path / present[n], members[present[n]]
+            volume = None if volumes is None or n not in volumes else volumes[n]
+            local = shown
+            if member is not None:
+                too_large = _size_problem(member, shown, volume)
+                if too_large is not None:
+                    problems.append(too_large)
+                    continue
+                try:
+                    local = _unzipped(path, member, Path(tmp) / submission_name(n))
+                except ArchiveError as exc:
+                    problems += exc.problems
+                    continue
+            problems += _case_problems(local, shown, volume, tolerances)[0]
+            if member is not None:
+                local.unlink()
     return problems
