@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from autoliver import __version__
+from autoliver.core import faults
 from autoliver.core.errors import AutoliverError, UsageError
 
 log = logging.getLogger("autoliver")
@@ -619,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(args.verbose, args.quiet)
     try:
+        faults.arm_from_environment(os.environ)  # crash tests only: inert unless AUTOLIVER_FAULT_KILL_AT is set
         return args.func(args)
     except UsageError as exc:
         log.error("%s", exc, exc_info=args.verbose)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from autoliver.core import faults
 from planning.hashing import json_default
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         with naming(target):
             yield tmp_path
+            faults.point("atomic.before_rename")
             os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -126,6 +128,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".building", dir=target.parent))
     try:
         yield tmp
+        faults.point("atomic.before_rename")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)

@@ -26,6 +26,7 @@ import time
 import zlib
 from pathlib import Path
 
+from autoliver.core import faults
 from autoliver.core.layout import PLANS
 from autoliver.core.parallel import parallel_map
 from autoliver.io.atomic import remove_stale_temporaries, write_json
@@ -66,6 +67,7 @@ def _peak_rss_mb() -> float:
 def _process_case(case: Case, plans_json: dict, out_root: Path, identifiers: list[str]) -> tuple[str, float, float, dict]:
     """Worker: read one case, preprocess it for every identifier, save.
     Returns (id, s, MB, {identifier: recorded pad value})."""
+    faults.point("preprocess.case")
     t0 = time.perf_counter()
     plans = Plans.from_json(plans_json)
     plans_hash = plans_json["plans_hash"]
