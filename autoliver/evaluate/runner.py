@@ -41,6 +41,7 @@ from autoliver.evaluate.overlap import OverlapCounts, dice, overlap_counts, over
 from autoliver.evaluate.surface import bounding_box, surface_metrics
 from autoliver.io.atomic import write_bytes, write_json
 from autoliver.io.images import image_suffix, read_header, read_image
+from autoliver.io.nifti_raw import nifti_nonfinite_count
 from autoliver.io.validate import Tolerances, geometry_mismatch
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ def read_label_map(path: Path):
     """(uint8 (Z, Y, X) labels, Geometry) of a label file; DatasetError if its values are not 0/1/2."""
     array, geometry = read_image(path)
     problems = label_value_problems(Path(path), array)
+    nonfinite = nifti_nonfinite_count(path) if np.issubdtype(array.dtype, np.floating) else None
+    if nonfinite:  # ITK reads NaN/Inf as 0: only the stored bytes show them
+        problems.append(f"{path}: label map holds {nonfinite} NaN/Inf voxels (read as 0); labels must be integers: re-export it as uint8")
     if problems:
         raise DatasetError(problems)
     return array.astype(np.uint8, copy=False), geometry
