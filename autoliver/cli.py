@@ -11,6 +11,7 @@ from pathlib import Path
 
 from autoliver import __version__
 from autoliver.core import faults
+from autoliver.core.parallel import cluster
 from autoliver.core.errors import AutoliverError, UsageError
 
 log = logging.getLogger("autoliver")
@@ -417,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--workspace", default=None, help=WORKSPACE_HELP + " (also accepted after the command)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the per-case work of validate, fingerprinting, preprocessing, evaluate and "
+                        "report on a Dask cluster: a scheduler's address (tcp://host:8786; the workers must see the same files), "
+                        "or local:N for N worker processes here (needs dask[distributed])")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a raw dataset and list every problem", description="Check a raw dataset (nnU-Net v2 layout) and list every problem at once; writes nothing.")
@@ -621,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
     try:
         faults.arm_from_environment(os.environ)  # crash tests only: inert unless AUTOLIVER_FAULT_KILL_AT is set
-        return args.func(args)
+        with cluster(args.scheduler):
+            return args.func(args)
     except UsageError as exc:
         log.error("%s", exc, exc_info=args.verbose)
         return 2

@@ -1,0 +1,85 @@
+"""Per-case stages on a Dask cluster (``--scheduler``): a local cluster of worker processes gives
+the same outputs as a local run, and a worker killed in the middle of a case loses nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from helpers import DATASET
+from test_fault_stages import contents, differing
+
+from autoliver.cli import main
+from autoliver.core.errors import UsageError
+from autoliver.core.layout import Workspace
+from autoliver.core.parallel import cluster, parallel_map
+
+pytest.importorskip("distributed")
+pytestmark = pytest.mark.subprocess
+
+
+def square_in_another_process(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def killed_once(marker_dir: str, x: int) -> int:
+    """Kills the worker running it the first time it sees ``x`` (as a crash or OOM kill would)."""
+    marker = Path(marker_dir) / f"seen-{x}"
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 10 * x
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    with cluster("local:2") as client:
+        yield client
+
+
+def test_same_results_in_order_on_other_processes(local_cluster):
+    with cluster(None):  # a nested local run is unaffected
+        pass
+    from autoliver.core import parallel
+
+    token = parallel._client.set(local_cluster)
+    try:
+        ordered = list(parallel_map(square_in_another_process, [(i,) for i in range(6)], progress=False))
+        unordered = list(parallel_map(square_in_another_process, [(i,) for i in range(6)], progress=False, ordered=False))
+    finally:
+        parallel._client.reset(token)
+    assert [v for v, _ in ordered] == [i * i for i in range(6)]
+    assert sorted(v for v, _ in unordered) == [i * i for i in range(6)]
+    assert os.getpid() not in {pid for _, pid in ordered}
+
+
+def test_a_killed_worker_loses_no_case(local_cluster, tmp_path):
+    from autoliver.core import parallel
+
+    token = parallel._client.set(local_cluster)
+    try:
+        results = list(parallel_map(killed_once, [(str(tmp_path), i) for i in range(2)], progress=False))
+    finally:
+        parallel._client.reset(token)
+    assert results == [0, 10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seen-0", "seen-1"]
+
+
+def test_preprocessing_on_the_cluster_equals_the_local_run(tiny_ws, tmp_path):
+    raw = tmp_path / "raw" / DATASET
+    shutil.copytree(tiny_ws.raw / DATASET, raw)
+    local, remote = Workspace(tmp_path / "local"), Workspace(tmp_path / "remote")
+    argv = ["plan_and_preprocess", str(raw), "--device", "cpu", "--no-progress"]
+    assert main([*argv, "-np", "1", "--workspace", str(local.root)]) == 0
+    assert main(["--scheduler", "local:2", *argv, "--workspace", str(remote.root)]) == 0
+    expected = contents(local.preprocessed(DATASET))
+    assert len(expected) > 4
+    assert differing(expected, contents(remote.preprocessed(DATASET))) == []
+
+
+def test_a_malformed_local_address_is_a_usage_error():
+    with pytest.raises(UsageError, match="local:N"), cluster("local:x"):
+        pass
