@@ -121,7 +121,8 @@ def _connect(address: str) -> tuple[Any, Any]:
         n = address.partition(":")[2]
         if n and not n.isdigit() or n == "0":
             raise UsageError(f"--scheduler {address}: expected local or local:N with N >= 1 worker processes")
-        local = LocalCluster(n_workers=int(n) if n else None, threads_per_worker=1, processes=True, dashboard_address=":0")
+        local = LocalCluster(n_workers=int(n) if n else None, threads_per_worker=1, processes=True, dashboard_address=":0",
+                             silence_logs=logging.WARNING)
         return Client(local), local
     try:
         return Client(address, timeout="30s"), None
