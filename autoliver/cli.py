@@ -11,8 +11,8 @@ from pathlib import Path
 
 from autoliver import __version__
 from autoliver.core import faults
-from autoliver.core.parallel import cluster
 from autoliver.core.errors import AutoliverError, UsageError
+from autoliver.core.parallel import cluster
 
 log = logging.getLogger("autoliver")
 
@@ -245,7 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # a model package given as -m is installed once under the workspace's models/.cache/
     ws = _workspace(args) if args.dataset is not None or str(args.model).lower().endswith(".zip") else None
     summary = api.predict(args.input, args.output, ws, model_dir=args.model, dataset_spec=args.dataset,
-                          configuration=args.configuration, folds=args.folds, device=args.device, options=options)
+                          configuration=args.configuration, folds=args.folds, device=args.device, options=options,
+                          checkpoint=args.checkpoint)
     print(f"{summary.output}: {len(summary.predicted)} predicted, {len(summary.skipped)} already there, {len(summary.failed)} failed")
     if summary.predicted:
         totals = summary.stage_totals()
@@ -515,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, help="an image file, a folder of images (NIfTI, NRRD, MHA; <case>_0000 naming accepted), a DICOM series folder or a folder of them")
     p.add_argument("-o", "--output", required=True, help="output folder")
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("-m", "--model", help="trained model folder (results/<dataset>)")
+    model.add_argument("-m", "--model", help="trained model folder (results/<dataset>), a model package (.zip from export_model), or an "
+                       "nnU-Net v2 model: its Trainer__Plans__config folder, a folder holding such folders, or the zip of "
+                       "nnUNetv2_export_model_to_zip")
     model.add_argument("-d", "--dataset", help="dataset name or numeric id: its model in the workspace's results/")
     p.add_argument("-c", "--configuration", nargs="+", metavar="CONFIG", help="configuration(s); several: an ensemble (softmax averaged) "
                    "(default: the model folder's inference_plan.json, else the first trained of 3d_fullres, 3d_cascade_fullres, 2.5d, 2d)")
@@ -529,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--roi", action=argparse.BooleanOptionalAction, default=True, help="find the liver with a coarse pass first and run the accurate pass only around it (default: on)")
     p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="nnU-Net v2 models: the checkpoint file of each fold "
+                   "(default: %(default)s, else checkpoint_best.pth)")
     p.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder that holds several (its SeriesInstanceUID)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (default: %(default)s)")
     _add_common(p, jobs=False)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.subprocess
 
 KILLS = 20
 # output files whose content records wall-clock times: compared without those fields
-TIMED_KEYS = {"seconds", "case_seconds", "time_s", "timings", "stage_seconds", "peak_rss_mb", "created", "elapsed_s"}
+TIMED_KEYS = {"seconds", "case_seconds", "time_s", "timings", "stage_seconds", "peak_rss_mb", "created", "elapsed_s", "events"}
 
 
 def _without_times(value):

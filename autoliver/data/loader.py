@@ -6,10 +6,15 @@ forced=int8 (B,))`` (torch tensors), call ``close()`` or use it as a context man
 ``roi=LiverRoi(margin_mm)`` (a two-stage design's tumour stage) cuts every patch around the
 case's liver box plus a randomly jittered margin (``autoliver.data.sampler``).
 
-Workers are a torch DataLoader over an IterableDataset (each worker makes whole batches from
-its own generator seeded by (seed, worker index); batches come back in worker order, so a
-seed gives the same batch sequence for a given number of workers; ``n_workers=1`` gives the
-same sequence as ``n_workers=0``). Shutdown, in every case:
+Batch ``i`` of a loader is made from its own generator, seeded by (seed, i), so the sequence
+depends on the seed alone: not on the number of workers, nor on what came before. Workers
+are a torch DataLoader over an IterableDataset: with ``n`` workers, worker ``w`` makes the
+batches ``w, w + n, w + 2n, ...`` and they come back in that order. ``start=k`` makes a loader
+whose first batch is batch ``k`` of the sequence (what a fresh loader yields after ``k``
+batches): a resumed training run restarts its data streams exactly where they stopped
+(``PatchLoader.position`` counts the batches delivered, from ``start``). The DataLoader draws
+its workers' base seed from a generator of its own, never from torch's global one, so making
+a loader leaves the caller's random streams untouched. Shutdown, in every case:
 
 - normal end / ``close()`` / leaving the ``with`` block: the workers are stopped and joined
   (torch terminates any that do not stop within its 5 s status interval);
@@ -18,9 +23,9 @@ same sequence as ``n_workers=0``). Shutdown, in every case:
   (torch) and stop when told;
 - an exception in a worker: the worker sends it back and stops; the main process closes
   the loader and raises ``DataLoadingError`` naming the case (no hang);
-- the main process killed (SIGKILL/SIGTERM): on Linux each worker asked the kernel for a
-  SIGKILL when its parent dies (``PR_SET_PDEATHSIG``); elsewhere torch's watchdog notices
-  the orphaning within 5 s.
+- the main process killed (SIGKILL/SIGTERM): on Linux each worker (always forked from the
+  main process, ``WORKER_START``) asked the kernel for a SIGKILL when its parent dies
+  (``PR_SET_PDEATHSIG``); elsewhere torch's watchdog notices the orphaning within 5 s.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TUMOUR_SHARE = 0.5
 PR_SET_PDEATHSIG = 1
+# Linux: workers are forked children of the process that iterates (whatever the global start
+# method, which is "forkserver" by default from Python 3.14 and in processes a forkserver
+# started), so that they can ask to die with it; elsewhere the platform's default
+WORKER_START = "fork" if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -75,22 +84,27 @@ def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-def _worker_seed(seed: int, worker: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(worker)]))
+def batch_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator batch ``index`` of a loader seeded ``seed`` is made from."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
 class _BatchStream(IterableDataset):
-    """Endless batches; in a worker, an error is sent back as a batch with an "error" key."""
+    """Endless batches from ``start`` on; worker ``w`` of ``n`` makes batches w, w + n, ...;
+    in a worker, an error is sent back as a batch with an "error" key."""
 
-    def __init__(self, spec: BatchSpec, seed: int):
+    def __init__(self, spec: BatchSpec, seed: int, start: int = 0):
         super().__init__()
-        self.spec, self.seed = spec, seed
+        self.spec, self.seed, self.start = spec, seed, start
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        rng = _worker_seed(self.seed, info.id if info is not None else 0)
+        worker, step = (0, 1) if info is None else (info.id, info.num_workers)
         maker = BatchMaker(self.spec)
+        index = self.start + worker
         while True:
+            rng = batch_rng(self.seed, index)
+            index += step
             if info is None:
                 yield _to_torch(maker.batch(rng))
                 continue
@@ -121,22 +135,27 @@ def _shutdown(iterator) -> None:
 
 
 class PatchLoader:
-    """Endless batches of patches; ``close()`` (or ``with``) stops the workers."""
+    """Endless batches of patches from batch ``start`` of the seed's sequence on; ``close()``
+    (or ``with``) stops the workers."""
 
-    def __init__(self, spec: BatchSpec, seed: int, n_workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
+    def __init__(self, spec: BatchSpec, seed: int, n_workers: int = 0, prefetch: int = 2, pin_memory: bool = False, start: int = 0):
         if n_workers < 0:
             raise ValueError(f"n_workers must be >= 0, got {n_workers}")
-        self.spec, self.seed, self.n_workers = spec, int(seed), int(n_workers)
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.spec, self.seed, self.n_workers, self.start = spec, int(seed), int(n_workers), int(start)
         self._counts = np.zeros(5, dtype=np.int64)  # batches, patches, tumour, forced fg, forced tumour
         self._closed = False
-        stream = _BatchStream(spec, self.seed)
+        stream = _BatchStream(spec, self.seed, self.start)
         if n_workers == 0:
             self._iter = iter(stream)
             self._finalizer = None
             return
         init = functools.partial(_worker_init, os.getpid(), threading.current_thread() is threading.main_thread())
         loader = DataLoader(stream, batch_size=None, num_workers=n_workers, prefetch_factor=prefetch,
-                            persistent_workers=False, pin_memory=pin_memory, worker_init_fn=init)
+                            persistent_workers=False, pin_memory=pin_memory, worker_init_fn=init,
+                            multiprocessing_context=WORKER_START,
+                            generator=torch.Generator().manual_seed(self.seed))  # not torch's global generator
         self._iter = iter(loader)  # starts the workers
         self._finalizer = weakref.finalize(self, _shutdown, self._iter)
 
@@ -165,6 +184,11 @@ class PatchLoader:
 
     def stats(self) -> LoaderStats:
         return LoaderStats(*(int(v) for v in self._counts))
+
+    @property
+    def position(self) -> int:
+        """Index of the next batch in the seed's sequence: ``start`` + batches delivered."""
+        return self.start + int(self._counts[0])
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in getattr(self._iter, "_workers", [])]
@@ -235,7 +259,7 @@ def make_train_loader(folder: Path, case_ids: list[str], config: Configuration, 
                       augment: bool = True, oversample_foreground: float = 0.33, tumour_share: float | None = None,
                       prev_stage_folder: Path | None = None, n_classes: int = 3, pad_value: float | None = None,
                       batch_size: int | None = None, elastic: bool = False, pin_memory: bool = False,
-                      roi: LiverRoi | None = None) -> PatchLoader:
+                      roi: LiverRoi | None = None, start: int = 0) -> PatchLoader:
     """Endless augmented batches of ``config``'s patches from the cases ``case_ids`` in ``folder``.
 
     ``tumour_share``: share of the forced-foreground samples of a case with tumour that are
@@ -243,19 +267,21 @@ def make_train_loader(folder: Path, case_ids: list[str], config: Configuration, 
     plan's (e.g. per-rank batch in distributed training; give each rank its own seed).
     ``roi``: sample inside each case's jittered liver box (a tumour stage: ``LiverRoi(config.roi_margin_mm)``);
     None (default) samples the whole volume, exactly as without the argument.
+    ``start``: the index of the first batch (a resumed run passes the batches already used).
     """
     spec = _spec(folder, case_ids, config, augment, oversample_foreground, tumour_share, prev_stage_folder,
                  n_classes, pad_value, batch_size, elastic, roi)
-    return PatchLoader(spec, seed, n_workers, pin_memory=pin_memory)
+    return PatchLoader(spec, seed, n_workers, pin_memory=pin_memory, start=start)
 
 
 def make_val_loader(folder: Path, case_ids: list[str], config: Configuration, *, seed: int = 0, n_workers: int = 0,
                     oversample_foreground: float = 0.33, tumour_share: float | None = None,
                     prev_stage_folder: Path | None = None, n_classes: int = 3, pad_value: float | None = None,
-                    batch_size: int | None = None, pin_memory: bool = False, roi: LiverRoi | None = None) -> PatchLoader:
-    """Like ``make_train_loader`` without augmentation; a new loader with the same seed yields
-    the same batches (e.g. one per epoch for the pseudo-Dice)."""
+                    batch_size: int | None = None, pin_memory: bool = False, roi: LiverRoi | None = None,
+                    start: int = 0) -> PatchLoader:
+    """Like ``make_train_loader`` without augmentation; a new loader with the same seed (and
+    ``start``) yields the same batches (e.g. one per epoch for the pseudo-Dice)."""
     spec = _spec(folder, case_ids, config, False, oversample_foreground, tumour_share, prev_stage_folder,
                  n_classes, pad_value, batch_size, False, roi)
-    return PatchLoader(spec, seed, n_workers, pin_memory=pin_memory)
+    return PatchLoader(spec, seed, n_workers, pin_memory=pin_memory, start=start)
 

@@ -7,7 +7,11 @@ probabilities, on request), then ``<case>.nii.gz`` last: a case whose segmentati
 finished and is skipped unless ``overwrite``. Every file is written atomically.
 
 A case that fails (unreadable, invalid) is logged with its path and the reason; the others
-are still predicted and the summary lists the failures (the CLI then exits non-zero).
+are still predicted and the summary lists the failures (the CLI then exits non-zero). The
+output folder is made and proven writable before any network runs; a write that fails there
+(disk full, permission denied) stops the run with an error naming the output file, since every
+later case would fail the same way: the cases finished before it are intact, the failed one
+leaves only a hidden temporary file, which the next run removes.
 The next case is read and preprocessed in a background thread while the network runs on the
 current one (numpy, SciPy and torch release the GIL for their heavy work); at most two cases
 are in memory at once. Each case's report records, in ``runtime_s``, the time spent waiting
@@ -29,10 +33,11 @@ from tqdm import tqdm
 from autoliver import __version__
 from autoliver.evaluate.case_report import case_report
 from autoliver.infer.ensemble import Ensemble
+from autoliver.infer.nnunet_model import NnunetModel, predict_nnunet_case, prepare_case
 from autoliver.infer.pipeline import ROI_DEFAULT, as_ensemble, predict_case
 from autoliver.infer.predictor import Model, preprocess_for
 from autoliver.infer.roi import MARGIN_MM
-from autoliver.io.atomic import atomic_path, write_json
+from autoliver.io.atomic import atomic_path, check_writable, remove_stale_temporaries, write_json
 from autoliver.io.images import write_image
 from autoliver.io.inputs import InputCase, discover_inputs, select_shard
 from autoliver.io.validate import read_checked_image
@@ -80,20 +85,24 @@ def output_path(output: Path, case_id: str) -> Path:
     return Path(output) / f"{case_id}{OUTPUT_SUFFIX}"
 
 
-def _load(model: Ensemble, case: InputCase, series_uid: str | None = None):
+def _load(model: Ensemble | NnunetModel, case: InputCase, series_uid: str | None = None):
     """Read and preprocess one case: (geometry, prepared, read seconds, preprocess seconds, ready time)."""
     t0 = time.perf_counter()
     image, geometry = read_checked_image(case.path, series_uid)  # int16 CT stays int16 until normalisation
     t1 = time.perf_counter()
-    prepared = preprocess_for(model, image, geometry)
+    prepared = prepare_case(model, image, geometry) if isinstance(model, NnunetModel) else preprocess_for(model, image, geometry)
     del image
     return geometry, prepared, t1 - t0, time.perf_counter() - t1, time.time()
 
 
-def _finish(model: Ensemble, case: InputCase, loaded, output: Path, options: PredictOptions, wait_s: float) -> tuple[dict, dict]:
+def _finish(model: Ensemble | NnunetModel, case: InputCase, loaded, output: Path, options: PredictOptions, wait_s: float) -> tuple[dict, dict]:
     geometry, prepared, t_read, t_pre, ready_at = loaded
-    result = predict_case(model, None, geometry, tta=options.tta, step=options.step, save_probabilities=options.save_probabilities,
-                          prepared=prepared, roi=options.roi, roi_margin_mm=options.roi_margin_mm)
+    if isinstance(model, NnunetModel):  # nnU-Net's own pipeline (autoliver.infer.nnunet_model); no ROI
+        result = predict_nnunet_case(model, prepared, geometry, tta=options.tta, step=options.step,
+                                     save_probabilities=options.save_probabilities)
+    else:
+        result = predict_case(model, None, geometry, tta=options.tta, step=options.step, save_probabilities=options.save_probabilities,
+                              prepared=prepared, roi=options.roi, roi_margin_mm=options.roi_margin_mm)
     t0 = time.perf_counter()
     timings = {"read_s": t_read, "preprocess_s": t_pre, "wait_input_s": wait_s, **result.timings}
     if result.probabilities is not None:
@@ -118,12 +127,20 @@ def _finish(model: Ensemble, case: InputCase, loaded, output: Path, options: Pre
     return timings, report["events"]
 
 
-def predict_inputs(model: Model | Ensemble, source: str | Path, output: str | Path, options: PredictOptions = PredictOptions()) -> PredictSummary:
-    """Predict every (not yet predicted) case of ``source`` into ``output``."""
-    model = as_ensemble(model)
+def _writing_output(exc: OSError, output: Path) -> bool:
+    names = [Path(f) for f in (exc.filename, exc.filename2) if f]
+    return any(n.resolve().is_relative_to(output.resolve()) for n in names)
+
+
+def predict_inputs(model: Model | Ensemble | NnunetModel, source: str | Path, output: str | Path,
+                   options: PredictOptions = PredictOptions()) -> PredictSummary:
+    """Predict every (not yet predicted) case of ``source`` into ``output`` (an nnU-Net model:
+    ``autoliver.infer.nnunet_model``, ROI off)."""
+    model = model if isinstance(model, NnunetModel) else as_ensemble(model)
     output = Path(output).expanduser()
     cases = select_shard(discover_inputs(source), options.shard)
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable(output)
+    remove_stale_temporaries(output)
     summary = PredictSummary(output)
     todo = []
     for case in cases:
@@ -134,7 +151,7 @@ def predict_inputs(model: Model | Ensemble, source: str | Path, output: str | Pa
     if summary.skipped:
         log.info("%d case(s) already predicted in %s (use --overwrite to redo them)", len(summary.skipped), output)
     log.info("predicting %d case(s) with %s on %s (ROI %s)", len(todo), ", ".join(f"{c} folds {'/'.join(f)}" for c, f in model.folds.items()),
-             model.device, "on" if options.roi else "off")
+             model.device, "on" if options.roi and not isinstance(model, NnunetModel) else "off")
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not options.progress)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoliver-prefetch") if options.prefetch else None
     try:
@@ -164,6 +181,11 @@ def predict_inputs(model: Model | Ensemble, source: str | Path, output: str | Pa
                     (0.0 if pool is not None else timings["read_s"] + timings["preprocess_s"])
                 summary.predicted.append(case.case_id)
                 log.info("%s: %s (%.1f s)", case.case_id, output_path(output, case.case_id), summary.seconds[case.case_id])
+            except OSError as exc:
+                if _writing_output(exc, output):
+                    raise  # the output folder, not this case: every later case would fail the same way
+                summary.failed[case.case_id] = str(exc) if exc.filename else f"{case.path}: {exc}"
+                log.error("%s: failed: %s", case.case_id, summary.failed[case.case_id])
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
                 message = str(exc) if str(case.path) in str(exc) else f"{case.path}: {exc}"
                 summary.failed[case.case_id] = message

@@ -34,7 +34,9 @@ class Window:
     predictor returns, where tiles are computed (``device``, ``dtype``), Gaussian weighting,
     tile positions per predictor call, the padding value (one, or one per channel) and
     optional tile starts per axis (default :func:`tile_starts`; given starts must cover the
-    image, e.g. a larger volume's tiling restricted to a box)."""
+    image, e.g. a larger volume's tiling restricted to a box) and optional per-axis weights
+    (``axis_weights``, one sequence of patch length per axis; their outer product replaces the
+    Gaussian, e.g. another tool's importance map)."""
 
     patch_size: tuple[int, ...]
     step: float = 0.5
@@ -45,6 +47,7 @@ class Window:
     tiles_per_call: int = 1
     pad_value: float | Sequence[float] = 0.0
     starts: Sequence[Sequence[int]] | None = None
+    axis_weights: Sequence[Sequence[float]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -165,7 +168,12 @@ def sliding_window_predict_batch(predictor: Predictor, images: torch.Tensor, win
     out = torch.zeros((n, n_classes, *spatial), dtype=torch.float32, device=stitch)
     # weights and tile positions are both products over the axes, so the summed weight is the
     # outer product of per-axis sums: no full-size weight volume is kept
-    axes = gaussian_axes(patch) if window.gaussian else [torch.ones(p, dtype=torch.float64) for p in patch]
+    if window.axis_weights is not None:
+        axes = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in window.axis_weights]
+        if [len(a) for a in axes] != list(patch):
+            raise ValueError(f"axis_weights of lengths {[len(a) for a in axes]} do not fit the patch {patch}")
+    else:
+        axes = gaussian_axes(patch) if window.gaussian else [torch.ones(p, dtype=torch.float64) for p in patch]
     if starts is None:
         starts = [tile_starts(s, p, window.step) for s, p in zip(spatial, patch)]
     else:

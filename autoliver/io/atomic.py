@@ -84,6 +84,22 @@ def remove_stale_temporaries(*folders: str | os.PathLike) -> int:
     return removed
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` (with its parents) and prove a file can be written in it, before any long
+    work whose results would go there: an ``OSError`` naming the folder otherwise."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-check.{_owner()}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with naming(folder):
+            with open(probe, "wb") as f:
+                f.write(b"0")
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return folder
+
+
 @contextlib.contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
     """Re-raise an ``OSError`` that names no file (ENOSPC from a write, ...) naming ``path``."""

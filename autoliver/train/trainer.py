@@ -19,11 +19,36 @@ With ``--budget-minutes`` the whole of ``run`` (setup, epochs, checkpoints, the 
 validation) is fitted to the budget (see autoliver.train.schedule) and the learning rate
 follows the poly schedule per iteration over the planned iterations.
 
-Resume (``--continue``): the latest checkpoint restores weights, optimiser, grad scaler, RNG
-states, the epoch counter, the history and the budget; log.jsonl is rewritten from the
-history it holds, so no epoch is missing or doubled after a kill at any point. The patch
-loaders restart from a seed derived from (seed, rank, epoch). Asking for more epochs than the
-checkpoint was trained for extends training (the poly schedule then runs over the new count).
+Resume (``--continue``) is exact: with ``--epochs``/``--iters-per-epoch`` a run killed at any
+point (``kill -9`` mid-iteration, between an epoch's log line and its checkpoint, between a
+checkpoint's temporary file and its rename, during the final validation) and resumed ends
+with the weights, optimiser state, log.jsonl metrics (all but the timings) and validation
+outputs of an uninterrupted run with the same seed, bit for bit on the CPU. What makes it so:
+
+- the latest checkpoint restores weights, optimiser, grad scaler, the epoch counter, the
+  history, the plateau/EMA state and the numpy/python/torch generator states; the epoch that
+  was cut short is trained again from its start;
+- the data streams do not depend on the past: batch ``i`` of the training (and pseudo-Dice)
+  stream is made from a generator seeded by (seed, rank, i) whatever the number of loader
+  workers (autoliver.data.loader), and the checkpoint records how many batches each stream
+  has delivered (``data_position``), where the resumed loaders start;
+- torch's generator (dropout and any other draw in the main process) is reseeded at the start
+  of every epoch from (seed, rank, epoch), so an epoch draws the same numbers whether it runs
+  after another epoch or right after a restart, on every rank;
+- ``checkpoint_best.pt`` is written before ``checkpoint_latest.pt``, so the epoch a kill
+  interrupts is redone with the same decision; log.jsonl is rewritten from the checkpoint's
+  history (no epoch missing or doubled); temporary files of writes killed before their
+  rename are removed when the fold starts again.
+
+Under ``--budget-minutes`` the schedule depends on measured time, so a resume cannot repeat
+it: the checkpoint restores all of the above and the seconds of the budget already used
+(``train_seconds``) and the budget plan (iterations per epoch, measured speeds); the epochs
+still to come, their iterations and the learning-rate schedule are then re-fitted to the time
+left and the speed this run measures. Every epoch finished before the kill is kept exactly.
+
+Asking for more epochs than the checkpoint was trained for extends training (the poly
+schedule then runs over the new count). A checkpoint of format 1 (no data positions) is
+refused for resuming with a message saying so (it still predicts).
 """
 
 from __future__ import annotations
@@ -37,16 +62,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from autoliver.core import faults
 from autoliver.core.device import select_device
 from autoliver.core.errors import AutoliverError, StaleArtefactError, UsageError
 from autoliver.core.layout import FoldPaths, ModelPaths
 from autoliver.data.sampler import LiverRoi
 from autoliver.infer.sliding_window import tile_starts
-from autoliver.io.atomic import write_bytes, write_json
-from autoliver.io.checkpoint import CheckpointError, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autoliver.io.atomic import remove_stale_temporaries, write_bytes, write_json
+from autoliver.io.checkpoint import (
+    CheckpointError,
+    capture_rng_states,
+    check_resumable,
+    load_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
 from autoliver.nets.weights import load_encoder_weights
 from autoliver.preprocess.storage import load_properties
 from autoliver.train import distributed as D
@@ -66,6 +100,11 @@ BUDGET_PROBE_SHARE = 0.01  # ... or fewer (at least one) when they take this sha
 RECENT_EPOCHS = 3  # epochs whose measured times predict the next ones
 
 Clock = Callable[[], float]
+
+
+def epoch_torch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of torch's generator for one epoch of one rank (a function of these alone)."""
+    return int(np.random.SeedSequence([int(seed), int(rank), int(epoch), 0x746F7263]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def final_validation_tiles(setup: "FoldSetup", step: float) -> int:
@@ -171,6 +210,7 @@ class Trainer:
         self.paths = setup.paths
         self.history: list[dict] = []
         self.epoch = 0
+        self.data_position = {"train_batches": 0, "val_batches": 0}  # batches each data stream has delivered
         self.best_ema: float | None = None
         self.train_seconds = 0.0  # seconds of the budget used: earlier runs (resume) and this one up to its last epoch
         self._prior_seconds = 0.0  # of those, the earlier runs'
@@ -223,6 +263,7 @@ class Trainer:
             "optimiser": self.optimiser.state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.use_scaler else None,
             "rng": capture_rng_states(),
+            "data_position": dict(self.data_position),
             "plans_hash": self.setup.plans_hash,
             "configuration": asdict(self.setup.config),
             "options": self.options.to_json(),
@@ -250,6 +291,7 @@ class Trainer:
             log.info("--continue: no %s yet, starting the fold from scratch", latest)
             return
         state = load_checkpoint(latest, map_location=self.device)
+        check_resumable(latest, state)
         if state["plans_hash"] != self.setup.plans_hash:
             raise StaleArtefactError(f"{latest}: trained with another plans.json (hash {state['plans_hash'][:12]} vs {self.setup.plans_hash[:12]}); delete {self.out} to train this fold again")
         if state["network"]["arch"] != self.setup.arch:
@@ -261,9 +303,8 @@ class Trainer:
             raise CheckpointError(f"{latest}: does not fit this network ({str(exc).splitlines()[0][:160]}); delete {self.out} to train again") from None
         if self.use_scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        restore_rng_states(state["rng"])
-        if self.ctx.rank:  # every rank restored rank 0's generator; keep their streams apart
-            torch.manual_seed(self.options.seed + 1000 * self.ctx.rank + state["epoch"])
+        restore_rng_states(state["rng"])  # torch's is reseeded per epoch and rank anyway (epoch_torch_seed)
+        self.data_position = {k: int(v) for k, v in state["data_position"].items()}
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_ema = state["best_ema"]
@@ -323,12 +364,14 @@ class Trainer:
         t0 = clock()
         it = 0
         while it < n_iters:
+            faults.point("train.iteration")
             if self.budget is not None and it:
                 lr = self._lr_at(it, iters_done)
                 for g in self.optimiser.param_groups:
                     g["lr"] = lr
             tw = clock()
             batch = next(loader)
+            self.data_position["train_batches"] += 1
             wait += clock() - tw
             self.optimiser.zero_grad(set_to_none=True)
             loss, _ = self._forward_loss(batch)
@@ -384,6 +427,7 @@ class Trainer:
         forward_s, samples = 0.0, 0
         for _ in range(self.val_iters):
             batch = next(loader)
+            self.data_position["val_batches"] += 1
             t0 = clock()
             data, target = batch["data"].to(self.device), batch["target"].to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -409,12 +453,15 @@ class Trainer:
         if config.stage == "tumour":  # a two-stage design's tumour stage learns inside the liver's box
             common["roi"] = LiverRoi(config.roi_margin_mm)
         extra = {} if o.tumour_share is None else {"tumour_share": o.tumour_share}
-        train = self.components.make_train_loader(s.data_folder, list(s.train_cases), config, seed=D.rank_seed(o.seed, c, self.epoch),
-                                                  n_workers=o.n_workers, oversample_foreground=o.oversample_foreground, **extra, **common)
+        # the streams' seeds depend on (seed, rank) only; a resumed run starts them where they stopped
+        pos = self.data_position
+        train = self.components.make_train_loader(s.data_folder, list(s.train_cases), config, seed=D.rank_seed(o.seed, c),
+                                                  n_workers=o.n_workers, oversample_foreground=o.oversample_foreground,
+                                                  start=pos["train_batches"], **extra, **common)
         val = None
         if o.val_iters > 0 and s.val_cases:
             val = self.components.make_val_loader(s.data_folder, list(s.val_cases), config, seed=D.rank_seed(o.seed + 1, c), n_workers=0,
-                                                    oversample_foreground=o.oversample_foreground, **common)
+                                                    oversample_foreground=o.oversample_foreground, start=pos["val_batches"], **common)
         return train, val
 
     def _end_epoch(self, record: dict) -> tuple[float, int]:
@@ -432,13 +479,15 @@ class Trainer:
         checkpoint_s, files = 0.0, 0
         if self.ctx.is_main:
             append_log(self.paths.log, record)
+            faults.point("train.log_appended")
             state = self._state()
+            files = 0
+            if self.best_ema is not None and (prev_best is None or self.best_ema > prev_best):
+                save_checkpoint(self.paths.best, state)  # before latest: a kill in between redoes this epoch, and this write
+                files += 1
             t0 = self.clock()
             save_checkpoint(self.paths.latest, state)
-            checkpoint_s, files = self.clock() - t0, 1
-            if self.best_ema is not None and (prev_best is None or self.best_ema > prev_best):
-                save_checkpoint(self.paths.best, state)
-                files += 1
+            checkpoint_s, files = self.clock() - t0, files + 1
             plot_progress(self.paths.progress, self.history)
         log.info("epoch %d: train loss %.4f, val loss %s, pseudo-Dice %s, lr %.2e, %.1f s%s",
                  record["epoch"], record["train_loss"], "n/a" if record["val_loss"] is None else f"{record['val_loss']:.4f}",
@@ -543,6 +592,7 @@ class Trainer:
             self.budget = BudgetPlan.start(o.budget_minutes * 60.0, o.epochs, o.iters_per_epoch, val_iters=o.val_iters if self.setup.val_cases else 0)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out, self.paths.validation)  # of writes killed before their rename
             rewrite_log(self.paths.log, self.history)
         if self.budget is not None and self.history:  # resumed: the budget may have changed, time has passed
             self._refit_budget(pending_save=False)
@@ -554,6 +604,7 @@ class Trainer:
                 train_it = iter(train_loader)
                 val_it = None if val_loader is None else iter(val_loader)
                 while self.epoch < self._target_epochs():
+                    torch.manual_seed(epoch_torch_seed(o.seed, self.ctx.rank, self.epoch))
                     t0 = clock()
                     record = {"epoch": self.epoch, **self._train_epoch(train_it)}
                     record.update(self._val_epoch(val_it))

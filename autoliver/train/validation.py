@@ -25,6 +25,7 @@ import blosc2
 import numpy as np
 import torch
 
+from autoliver.core import faults
 from autoliver.core.artefacts import FoldMetrics
 from autoliver.evaluate.overlap import case_dice
 from autoliver.infer.sliding_window import argmax_labels
@@ -112,6 +113,7 @@ def validate_cases(model: torch.nn.Module, job: ValidationJob, case_ids: list[st
             if record.get("epoch") == job.epoch and (next_stage is None or (next_stage[1] / f"{case_id}{DATA_SUFFIX}").is_file()):
                 results[case_id] = record["dice"]
                 continue
+        faults.point("train.validation_case")
         data, seg, _ = load_case(job.data_folder, case_id, mmap=False)
         probs = _case_probabilities(predictor, job, case_id, np.asarray(data), seg)
         pred = probs.argmax(0).astype(np.uint8)
