@@ -11,7 +11,7 @@ smaller components for the same mask).
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from planning.crop import bbox_of, body_bbox, box_shape, crop
 from planning.errors import AutoliverError
+from planning.jsonio import read_json_file
 
 FINGERPRINT_SCHEMA_VERSION = 1
 PERCENTILES = (5, 10, 50, 90, 95)
@@ -232,22 +233,59 @@ def reduce_fingerprint(cases: dict[str, dict], dataset_json: dict, dataset_name:
     }
 
 
+def _numbers(value: object, n: int, positive: bool = True) -> bool:
+    """``value`` is a list of ``n`` finite numbers (positive, and at most 1e6, when ``positive``)."""
+    if not isinstance(value, list) or len(value) != n:
+        return False
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    return ok and (not positive or all(0 < v <= 1e6 for v in value))
+
+
+def fingerprint_problems(d: dict) -> list[str]:
+    """What the planner would misuse in a parsed fingerprint (only the fields it reads)."""
+    out = []
+    n = d.get("n_cases")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        out.append(f"n_cases {n!r:.40} must be a positive integer")
+    spacing, shape = d.get("spacing"), d.get("shape_after_crop")
+    if not isinstance(spacing, dict) or not _numbers(spacing.get("median"), 3):
+        out.append("spacing.median must be three positive voxel sizes (mm)")
+    elif not isinstance(spacing.get("percentiles", {}), dict) or not _numbers(spacing.get("percentiles", {}).get("10", spacing["median"]), 3):
+        out.append('spacing.percentiles["10"] must be three positive voxel sizes (mm)')
+    if not isinstance(shape, dict) or not _numbers(shape.get("median"), 3):
+        out.append("shape_after_crop.median must be three positive sizes (voxels, at most 1e6)")
+    intensity = d.get("intensity")
+    fg = intensity.get("foreground") if isinstance(intensity, dict) else None
+    if not isinstance(fg, dict):
+        out.append("intensity.foreground must be an object")
+    elif fg.get("mean") is not None:
+        values = [fg.get(k) for k in ("percentile_00_5", "percentile_99_5", "mean", "std")]
+        if not _numbers(values, 4, positive=False):
+            out.append(f"intensity.foreground percentile_00_5, percentile_99_5, mean and std must be finite numbers, got {values!r:.80}")
+    if not isinstance(d.get("labels"), dict):
+        out.append("labels must be an object")
+    cases = d.get("cases") or {}
+    if not isinstance(cases, dict) or not all(isinstance(c, dict) and _numbers(c.get("shape_after_crop"), 3) and _numbers(c.get("spacing"), 3)
+                                              for c in cases.values()):
+        out.append("cases must map case ids to objects with three positive shape_after_crop and spacing values")
+    return out
+
+
 def load_fingerprint(path: str | Path) -> dict:
-    """Read fingerprint.json and check its schema version and required keys."""
+    """Read fingerprint.json and check its schema version, required keys and the values the
+    planner uses; FingerprintFormatError naming the file otherwise."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FingerprintFormatError(f"{path}: not found; run `autoliver plan_and_preprocess` to create it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise FingerprintFormatError(f"{path}: not valid JSON ({type(exc).__name__}); {REBUILD}") from None
+    d = read_json_file(path, FingerprintFormatError, REBUILD, "run `autoliver plan_and_preprocess` to create it")
     if not isinstance(d, dict):
         raise FingerprintFormatError(f"{path}: not a JSON object; {REBUILD}")
     if d.get("schema_version") != FINGERPRINT_SCHEMA_VERSION:
         raise FingerprintFormatError(
-            f"{path}: schema_version {d.get('schema_version')!r}, expected {FINGERPRINT_SCHEMA_VERSION}; {REBUILD}"
+            f"{path}: schema_version {d.get('schema_version')!r:.60}, expected {FINGERPRINT_SCHEMA_VERSION}; {REBUILD}"
         )
     missing = [k for k in ("input_hash", "n_cases", "spacing", "shape_after_crop", "intensity", "labels") if k not in d]
     if missing:
         raise FingerprintFormatError(f"{path}: missing keys {missing}; {REBUILD}")
+    problems = fingerprint_problems(d)
+    if problems:
+        raise FingerprintFormatError(f"{path}: {'; '.join(problems)}; {REBUILD}")
     return d

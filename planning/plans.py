@@ -17,13 +17,14 @@ so plans made before these fields existed keep their hash.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from planning.errors import PlanError
 from planning.hashing import hash_json
+from planning.jsonio import read_json_file
 
 PLANS_SCHEMA_VERSION = 1
 CONFIGURATION_NAMES = ("2d", "2.5d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -169,9 +170,9 @@ class Plans:
             if problems:
                 raise ValueError("; ".join(problems))
             return cls(
-                dataset_name=d["dataset_name"],
-                fingerprint_hash=d["fingerprint_hash"],
-                device=d["device"],
+                dataset_name=str(d["dataset_name"]),
+                fingerprint_hash=str(d["fingerprint_hash"]),
+                device=str(d["device"]),
                 memory_budget_gb=float(d["memory_budget_gb"]),
                 labels={str(k): int(v) for k, v in d["labels"].items()},
                 normalisation=norm,
@@ -180,20 +181,12 @@ class Plans:
                 schema_version=d["schema_version"],
                 data_preprocessing={str(k): dict(v) for k, v in (d.get("data_preprocessing") or {}).items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise PlansFormatError(f"{source}: malformed ({type(exc).__name__}: {exc}); {fix}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Plans":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PlansFormatError(f"{path}: not found; run `autoliver plan_and_preprocess` first") from None
-        except RecursionError:
-            raise PlansFormatError(f"{path}: JSON nested too deeply to be a plans file; re-run `autoliver plan` to rebuild it") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlansFormatError(f"{path}: not valid JSON ({exc}); re-run `autoliver plan` to rebuild it") from None
+        d = read_json_file(path, PlansFormatError, "re-run `autoliver plan` to rebuild it", "run `autoliver plan_and_preprocess` first")
         return cls.from_json(d, str(path))
 
 
@@ -209,22 +202,73 @@ def _finite_positive(values) -> bool:
         return False
 
 
+_BAD_NAME_CHARS = re.compile(r"[/\\\x00-\x1f:*?\"<>|]")  # as autoliver.core.layout.plain_name: names become folder names
+
+
+def _plain(name: object) -> bool:
+    return (isinstance(name, str) and bool(name) and name.strip() == name and not name.startswith(".")
+            and not _BAD_NAME_CHARS.search(name) and len(name) <= 200)
+
+
 def _problems(norm: Normalisation, configs: dict[str, Configuration], d: dict) -> list[str]:
-    """What makes a parsed plans.json unusable (values a reader would silently misuse)."""
+    """What makes a parsed plans.json unusable (values a reader would silently misuse, names
+    that would become paths outside the workspace)."""
     out = []
+    for key in ("dataset_name", "fingerprint_hash", "device"):
+        if not isinstance(d.get(key), str):
+            out.append(f"{key} must be a string, got {d.get(key)!r:.60}")
+    budget = d.get("memory_budget_gb")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        out.append(f"memory_budget_gb must be a positive number, got {budget!r:.60}")
+    labels = d.get("labels")
+    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256 for v in labels.values()):
+        out.append(f"labels must map names to label values 0..255, got {labels!r:.80}")
+    for ident in list(d.get("data_spacings") or {}) + list(d.get("data_preprocessing") or {}):
+        if not _plain(ident):
+            out.append(f"data identifier {ident!r:.60} is not a plain folder name")
+    if not isinstance(d.get("data_preprocessing") or {}, dict) or not all(isinstance(v, dict) for v in (d.get("data_preprocessing") or {}).values()):
+        out.append("data_preprocessing must map data identifiers to option objects")
     numbers = (norm.clip_low, norm.clip_high, norm.mean, norm.std)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
         out.append(f"normalisation values must be finite numbers, got {numbers}")
     elif not (norm.clip_low < norm.clip_high and norm.std > 0):
         out.append(f"normalisation needs clip_low < clip_high and std > 0, got {numbers}")
     for name, c in configs.items():
+        if not _plain(name):
+            out.append(f"configuration name {name!r:.60} is not a plain name (no folders, no leading dot, no special characters)")
+        if not _plain(c.data_identifier):
+            out.append(f"configuration {name}: data_identifier {c.data_identifier!r:.60} is not a plain folder name")
+        if c.network_dims not in (2, 3) or isinstance(c.network_dims, bool):
+            out.append(f"configuration {name}: network_dims {c.network_dims!r:.20} must be 2 or 3")
+            continue
+        for field_name in ("previous_stage", "liver_stage", "inherits_from"):
+            other = getattr(c, field_name)
+            if other is not None and other not in configs:
+                out.append(f"configuration {name}: {field_name} {other!r:.60} is not a configuration of these plans")
+        if not isinstance(c.network, str) or not isinstance(c.network_options, dict) or not isinstance(c.training, dict) or not isinstance(c.extra, dict):
+            out.append(f"configuration {name}: network must be a name and network_options, training, extra objects")
+        if not isinstance(c.in_slices, int) or isinstance(c.in_slices, bool) or c.in_slices < 1:
+            out.append(f"configuration {name}: in_slices {c.in_slices!r:.20} must be a positive integer")
+        if not isinstance(c.roi_margin_mm, (int, float)) or isinstance(c.roi_margin_mm, bool) or not math.isfinite(c.roi_margin_mm) or c.roi_margin_mm < 0:
+            out.append(f"configuration {name}: roi_margin_mm {c.roi_margin_mm!r:.20} must be a finite number >= 0")
         if not _finite_positive(c.spacing) or len(c.spacing) != 3:
             out.append(f"configuration {name}: spacing {c.spacing} must be three positive numbers")
         if not _finite_positive(c.patch_size) or not all(isinstance(p, int) for p in c.patch_size) or len(c.patch_size) != c.network_dims:
             out.append(f"configuration {name}: patch_size {c.patch_size} must be {c.network_dims} positive integers")
-        if not isinstance(c.batch_size, int) or c.batch_size < 1:
-            out.append(f"configuration {name}: batch_size {c.batch_size!r} must be a positive integer")
+        if not isinstance(c.batch_size, int) or isinstance(c.batch_size, bool) or c.batch_size < 1:
+            out.append(f"configuration {name}: batch_size {c.batch_size!r:.20} must be a positive integer")
+        if not _finite_positive(c.median_shape) or len(c.median_shape) != 3:
+            out.append(f"configuration {name}: median_shape {c.median_shape!r:.60} must be three positive numbers")
+        n = c.n_stages
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
+            out.append(f"configuration {name}: n_stages {n!r:.20} must be an integer from 1 to 16")
+            continue
+        if len(c.features_per_stage) != n or not all(isinstance(f, int) and not isinstance(f, bool) and 0 < f <= 4096 for f in c.features_per_stage):
+            out.append(f"configuration {name}: features_per_stage {c.features_per_stage!r:.60} must be {n} positive integers")
+        for what, rows in (("kernel_sizes", c.kernel_sizes), ("strides", c.strides)):
+            if len(rows) != n or not all(len(r) == c.network_dims and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 16 for v in r) for r in rows):
+                out.append(f"configuration {name}: {what} {rows!r:.60} must be {n} rows of {c.network_dims} positive integers")
     for ident, spacing in (d.get("data_spacings") or {}).items():
-        if not _finite_positive(spacing):
+        if not isinstance(spacing, (list, tuple)) or len(spacing) != 3 or not _finite_positive(spacing):
             out.append(f"data_spacings[{ident}] {spacing} must be positive numbers")
     return out

@@ -206,9 +206,12 @@ def test_bad_nifti2_vox_offset_is_refused(tmp_path):
     assert_refused(path, "vox_offset", readers=(nifti_raw.check_nifti_complete,))
 
 
-def test_small_vox_offset_is_read_as_the_end_of_the_header_as_before(tmp_path):
-    path = make(tmp_path, ".nii", vox_offset=0.0)
+def test_small_vox_offset_is_refused_unless_the_voxels_follow_the_header(tmp_path):
+    path = make(tmp_path, ".nii", vox_offset=0.0)  # voxels at byte 352: ITK would read them from 348
     assert nifti_raw.check_nifti_header(path).offset == 348
+    assert_refused(path, "lies inside the header")
+    raw = path.read_bytes()
+    path.write_bytes(raw[:348] + raw[352:])  # the voxels right after the header: unambiguous
     nifti_raw.check_nifti_complete(path)
 
 

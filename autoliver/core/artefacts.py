@@ -17,7 +17,7 @@ from typing import Any
 
 from autoliver.core.errors import AutoliverError, PlanError
 from autoliver.core.labels import STRUCTURE_NAMES
-from autoliver.core.layout import plain_name
+from autoliver.core.layout import fold_name, plain_name
 
 CRF_STEP = "dense_crf"
 LABEL_STEP_NAMES = ("largest_liver_component", "tumour_inside_liver", "min_tumour_volume")
@@ -115,7 +115,14 @@ class InferencePlan:
         try:
             if not isinstance(d["configurations"], list) or not isinstance(d["postprocessing"], list):
                 raise TypeError("configurations and postprocessing must be lists")
-            configurations = tuple(str(c) for c in d["configurations"])
+            if not all(isinstance(c, str) for c in d["configurations"]):
+                raise TypeError(f"configurations must be names, got {d['configurations']!r:.80}")
+            if not isinstance(d["folds"], Mapping) or not all(isinstance(v, list) and all(isinstance(f, (str, int)) and not isinstance(f, bool) for f in v)
+                                                             for v in d["folds"].values()):
+                raise TypeError(f"folds must map each configuration to a list of folds, got {d['folds']!r:.80}")
+            if not isinstance(d.get("evidence") or {}, Mapping):
+                raise TypeError(f"evidence must be an object, got {type(d.get('evidence')).__name__}")
+            configurations = tuple(d["configurations"])
             folds = {str(k): tuple(str(f) for f in v) for k, v in d["folds"].items()}
             steps = parse_steps(d["postprocessing"])
             plan = cls(dataset=str(d["dataset"]), plans_hash=str(d["plans_hash"]), configurations=configurations, folds=folds,
@@ -127,6 +134,7 @@ class InferencePlan:
             problems.append("no configuration")
         problems += [f"configuration {c!r} is not a plain name" for c in configurations if not _is_plain(c)]
         problems += [f"no folds for {c}" for c in configurations if not folds.get(c)]
+        problems += [f"fold {f!r:.40} of {c} is not a fold (0, 1, ... or all)" for c in configurations for f in folds.get(c, ()) if not _is_fold(f)]
         try:
             enabled_steps(steps)
         except ValueError as exc:
@@ -155,14 +163,27 @@ class FoldMetrics:
 
     @classmethod
     def from_json(cls, d: object, source: str = "metrics.json") -> FoldMetrics:
+        fix = "train the fold again with `autoliver train`"
         if not isinstance(d, Mapping) or not isinstance(d.get("per_case"), Mapping):
-            raise PlanError(f"{source}: not a fold's metrics (no per_case mapping); train the fold again with `autoliver train`")
-        try:
-            per_case = {str(k): {n: float(v[n]) for n in STRUCTURE_NAMES if n in v} for k, v in d["per_case"].items()}
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise PlanError(f"{source}: malformed per-case Dice ({exc}); train the fold again with `autoliver train`") from None
+            raise PlanError(f"{source}: not a fold's metrics (no per_case mapping); {fix}")
+        bad = [k for k, v in d["per_case"].items() if not isinstance(v, Mapping) or not all(n in v and _is_dice(v[n]) for n in STRUCTURE_NAMES)]
+        if bad:
+            raise PlanError(f"{source}: per-case Dice of {', '.join(repr(k)[:40] for k in bad[:5])} not a number from 0 to 1 for each of "
+                            f"{', '.join(STRUCTURE_NAMES)}; {fix}")
+        per_case = {str(k): {n: float(v[n]) for n in STRUCTURE_NAMES if n in v} for k, v in d["per_case"].items()}
         extra = {k: v for k, v in d.items() if k not in ("mean", "per_case", "n_cases", "dice_rule")}
         return cls(per_case, extra, str(d.get("dice_rule", cls.dice_rule)))
+
+
+def _is_fold(text: str) -> bool:
+    try:
+        return len(fold_name(text)) <= 16
+    except AutoliverError:
+        return False
+
+
+def _is_dice(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0  # NaN fails both comparisons
 
 
 def _is_plain(name: str) -> bool:

@@ -57,3 +57,42 @@ def mask_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, 
 def mask_box_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, ...] | None:
     """:func:`mask_box` with the margin given in mm."""
     return mask_box(mask, margin_voxels(spacing, margin_mm))
+
+
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-6, 1e6  # a voxel size outside this is a damaged header, not a scan
+ORTHONORMAL_ATOL = 1e-3  # direction cosines: |D Dᵀ - I| per entry (DICOM and NIfTI store them rounded)
+
+
+def spacing_problems(spacing: Sequence[float], what: str = "spacing") -> list[str]:
+    """Why ``spacing`` (mm, any axis order) is not a voxel size; empty when it is."""
+    values = [float(v) for v in spacing]
+    if all(math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in values):
+        return []
+    return [f"{what} {tuple(values)} mm holds a zero, negative, non-finite or absurd voxel size (allowed: {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm)"]
+
+
+def direction_problems(direction: Sequence[float], what: str = "direction") -> list[str]:
+    """Why ``direction`` (a row-major square matrix of direction cosines) is not a rotation or
+    reflection: non-finite, singular, scaled or skewed; empty when it is orthonormal."""
+    values = np.asarray([float(v) for v in direction], dtype=np.float64)
+    n = int(round(math.sqrt(values.size)))
+    if n * n != values.size or n == 0:
+        return [f"{what} has {values.size} values, not a square matrix"]
+    if not np.isfinite(values).all():
+        return [f"{what} {tuple(values.tolist())} holds NaN or infinite values"]
+    matrix = values.reshape(n, n)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge entries: an infinite product, not orthonormal either
+        orthonormal = np.allclose(matrix @ matrix.T, np.eye(n), rtol=0.0, atol=ORTHONORMAL_ATOL)
+    if not orthonormal:
+        return [f"{what} {tuple(values.tolist())} is not orthonormal (its axes are scaled, skewed or degenerate)"]
+    return []
+
+
+def geometry_problems(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> list[str]:
+    """Every reason a voxel grid's geometry cannot be a real scan's (spacing out of range,
+    non-finite origin, direction not orthonormal); empty when it is usable."""
+    out = spacing_problems(spacing)
+    origin_values = [float(v) for v in origin]
+    if not all(math.isfinite(v) for v in origin_values):
+        out.append(f"origin {tuple(origin_values)} mm holds NaN or infinite values")
+    return out + direction_problems(direction)

@@ -49,12 +49,15 @@ class RawDataset:
 
     @property
     def labels(self) -> dict[str, int]:
-        """Label name -> value, as declared in dataset.json (region lists are not used)."""
-        return {str(k): int(v) for k, v in self.dataset_json.get("labels", {}).items() if not isinstance(v, (list, tuple))}
+        """Label name -> value, as declared in dataset.json (region lists and values that are not
+        integers, which ``load_dataset_json`` reports, are not used)."""
+        labels = self.dataset_json.get("labels", {})
+        return {str(k): int(v) for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)} if isinstance(labels, dict) else {}
 
     @property
     def channel_names(self) -> dict[str, str]:
-        return {str(k): str(v) for k, v in self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})).items()}
+        names = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
+        return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
 
 
 def load_dataset_json(root: Path) -> tuple[dict | None, list[str]]:
@@ -67,7 +70,10 @@ def load_dataset_json(root: Path) -> tuple[dict | None, list[str]]:
     except DatasetError as exc:
         return None, [str(exc)]
     if not isinstance(dj, dict):
-        return None, [f"{path}: must hold a JSON object"]
+        return None, [f"{path}: must hold a JSON object, got {type(dj).__name__}; see README, 'Dataset layout'"]
+    fatal = _structure_problems(path, dj)
+    if fatal:
+        return None, fatal
     problems = []
     if "channel_names" not in dj and "modality" not in dj:
         problems.append(f'{path}: no "channel_names"; add e.g. {{"0": "CT"}}')
@@ -82,7 +88,38 @@ def load_dataset_json(root: Path) -> tuple[dict | None, list[str]]:
             problems.append(f'{path}: "labels" must declare background as 0, got {labels}')
     if "file_ending" not in dj:
         problems.append(f'{path}: no "file_ending"; add e.g. ".nii.gz"')
+    n = dj.get("numTraining")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        problems.append(f'{path}: "numTraining" must be a whole number, got {n!r:.40}')
     return dj, problems
+
+
+MAX_REL_PATH = 1024  # characters in a path listed in dataset.json
+
+
+def _structure_problems(path: Path, dj: dict) -> list[str]:
+    """Keys whose type is so wrong that the dataset cannot be discovered (one message each)."""
+    out = []
+    names = dj.get("channel_names", dj.get("modality", {"0": "CT"}))
+    if not isinstance(names, dict) or not names:
+        out.append(f'{path}: "channel_names" must be an object such as {{"0": "CT"}}, got {names!r:.60}')
+    ending = dj.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.startswith(".") or len(ending) > 16 or re.search(r"[/\\\x00-\x1f]", ending):
+        out.append(f'{path}: "file_ending" must be a file suffix such as ".nii.gz", got {ending!r:.60}')
+    if "dataset" in dj and not isinstance(dj["dataset"], dict):
+        out.append(f'{path}: "dataset" must be an object {{case id: {{"images": [...], "label": "..."}}}}, got {type(dj["dataset"]).__name__}')
+    return out
+
+
+def _path_problem(rel: str) -> str | None:
+    """Why a relative path from dataset.json cannot name a file (empty, control characters, too long)."""
+    if not rel.strip():
+        return "is empty"
+    if re.search(r"[\x00-\x1f]", rel):
+        return "holds control characters"
+    if len(rel) > MAX_REL_PATH or any(len(part) > 255 for part in rel.split("/")):
+        return "is too long for a file name"
+    return None
 
 
 def _inside(root: Path, rel: str) -> tuple[Path, bool]:
@@ -111,6 +148,10 @@ def _from_explicit_list(root: Path, entries: dict) -> tuple[list[Case], list[str
             continue
         if entry.get("label") is not None and not isinstance(entry["label"], str):
             problems.append(f'{where}: case {case_id}: "label" must be a file path, got {entry["label"]!r:.80}')
+            continue
+        bad = [(rel, why) for rel in rels + ([entry["label"]] if entry.get("label") is not None else []) if (why := _path_problem(rel))]
+        if bad:
+            problems.append(f'{where}: case {case_id}: path {bad[0][0]!r:.60} {bad[0][1]}; give each file\'s path inside the dataset folder')
             continue
         images = []
         for rel in rels:

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoliver.core.errors import ImageReadError
+from autoliver.core.geometry import geometry_problems
 from autoliver.io.atomic import atomic_path
 from autoliver.io.dicom_checks import check_series_geometry
 from autoliver.io.nifti_raw import check_nifti_complete
@@ -110,10 +111,28 @@ def dicom_series_files(folder: str | os.PathLike, series_uid: str | None = None)
     return files
 
 
+def check_geometry(path: str | os.PathLike, spacing, origin, direction) -> None:
+    """Refuse a grid (as SimpleITK reports it, x-first) whose voxel size is out of range, whose
+    origin is not finite or whose direction is not orthonormal: ImageReadError naming the file."""
+    problems = geometry_problems(spacing, origin, direction)
+    if problems:
+        raise ImageReadError([f"{path}: {p}; fix the image's header (voxel size, position, orientation) and re-export it" for p in problems])
+
+
+def _reader_detail(exc: RuntimeError) -> str:
+    """The useful line of an ITK exception: its 'ITK ERROR' description when there is one."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for line in lines:
+        if "ITK ERROR" in line or "ERROR:" in line:
+            return line.split("):", 1)[-1].strip() or line
+    return lines[-1] if lines else "unknown reader error"
+
+
 def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
     """Read a file or a DICOM series folder into a SimpleITK image; clear error on failure.
 
-    A truncated NIfTI file is an error too (see ``check_nifti_complete``).
+    A truncated NIfTI file is an error too (see ``check_nifti_complete``), and so is a grid
+    with an impossible geometry (``check_geometry``).
     """
     path = Path(path)
     if not path.exists():
@@ -125,17 +144,18 @@ def read_sitk(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Im
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(dicom_series_files(path, series_uid))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
     except ImageReadError:
         raise
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in reversed(first) if line.strip()), "unknown reader error")
         raise ImageReadError(
-            f"{path}: cannot be read as an image ({detail.strip()}); the file may be truncated "
+            f"{path}: cannot be read as an image ({_reader_detail(exc)}); the file may be truncated "
             "or not an image: re-export or re-copy it"
         ) from None
+    check_geometry(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return image
 
 
 def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, str]:
@@ -154,8 +174,11 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, str]:
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-    except RuntimeError:
-        raise ImageReadError(f"{path}: cannot read the image header; the file may be truncated or not an image: re-export it") from None
+    except RuntimeError as exc:
+        raise ImageReadError(f"{path}: cannot read the image header ({_reader_detail(exc)}); the file may be truncated or not an image: "
+                             "re-export it") from None
+    if image_suffix(path) not in (".nii", ".nii.gz"):  # NIfTI: its raw header is checked where voxels are read, field by field
+        check_geometry(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     dim = reader.GetDimension()
     geom = None
     if dim == 3:

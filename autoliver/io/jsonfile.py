@@ -1,5 +1,7 @@
 """Reading a JSON artefact safely: one message naming the file and the fix for every way it can
-be broken (not found, unreadable, not UTF-8, not JSON, nested too deep, too large)."""
+be broken (not found, unreadable, not UTF-8, not JSON, nested too deep, too large, an integer
+too long to parse). Every JSON artefact autoliver reads comes through here (``planning`` reads
+its own two, plans.json and fingerprint.json, with the same rules: ``planning.plans.read_json_file``)."""
 
 from __future__ import annotations
 
@@ -31,5 +33,7 @@ def read_json(path: str | Path, error: type[AutoliverError] = AutoliverError, fi
         raise error(f"{path}: not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as exc:
         raise error(f"{path}: not valid JSON ({exc}); {fix}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise error(f"{path}: not usable JSON ({exc}); {fix}") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to be a real artefact; {fix}") from None

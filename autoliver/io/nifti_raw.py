@@ -14,10 +14,18 @@ Refused, with an ``ImageReadError`` naming the file and the field (``check_nifti
 - ``dim[0]`` outside 1..7, a dimension size below 1, more than ``MAX_VOXELS`` voxels, an unknown
   ``datatype`` (all before anything is allocated);
 - ``vox_offset`` NaN, infinite, negative, fractional or above ``MAX_VOX_OFFSET``;
+- (``check_nifti_complete``) a ``vox_offset`` inside the header and its 4 extension bytes (below
+  352 / 544) in a file that does not hold its voxels right after the header: ITK then reads them
+  from the header's end, 4 bytes early;
 - a spatial ``pixdim`` (voxel size) that is NaN, infinite or outside
   ``[MIN_PIXDIM, MAX_PIXDIM]`` (zero, negative, 1e-38...);
 - a NaN/Inf in the quaternion/offset (``qform_code > 0``) or the ``srow_*`` rows
-  (``sform_code > 0``): the transforms ITK uses for origin and direction.
+  (``sform_code > 0``): the transforms ITK uses for origin and direction;
+- an intensity scaling readers disagree on: ``scl_slope`` 0 with a non-zero ``scl_inter`` (the
+  NIfTI standard: no scaling; ITK adds the intercept), or a usable ``scl_slope`` with a NaN/Inf
+  ``scl_inter`` (ITK drops it, nibabel refuses).
+
+The voxel count is checked against what this machine can hold (``autoliver.io.limits``).
 """
 
 from __future__ import annotations
@@ -35,10 +43,14 @@ from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 
 from autoliver.core.errors import ImageReadError
+from autoliver.core.geometry import MAX_SPACING_MM, MIN_SPACING_MM
+from autoliver.io.limits import MAX_VOXELS, voxel_budget_problem
 
-MAX_VOXELS = 2**31  # more voxels than this in one file is refused before anything is allocated
+__all__ = ["MAX_VOXELS", "MAX_VOX_OFFSET", "MIN_PIXDIM", "MAX_PIXDIM", "NiftiHeader", "check_nifti_header", "check_nifti_complete",
+           "nifti_header_spacing", "nifti_nonfinite_count"]
+
 MAX_VOX_OFFSET = 2**31 - 1  # ITK's NIfTI-1 reader keeps the data offset in a C int
-MIN_PIXDIM, MAX_PIXDIM = 1e-6, 1e6  # plausible voxel sizes (mm, or m / um by xyzt_units)
+MIN_PIXDIM, MAX_PIXDIM = MIN_SPACING_MM, MAX_SPACING_MM  # plausible voxel sizes (mm, or m / um by xyzt_units)
 
 _HEADER_CLASSES = ((Nifti1Header, b"n+1", b"ni1"), (Nifti2Header, b"n+2", b"ni2"))  # class, single-file magic, pair magic
 _QFORM_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
@@ -124,10 +136,9 @@ def _parse(head: bytes) -> NiftiHeader:
         dtype = None
     if dtype is None or dtype.itemsize == 0:
         raise _NotNifti(_fix_hint(f"header's datatype code {datatype} is not a NIfTI voxel type"))
-    n_voxels = math.prod(shape)
-    if n_voxels > MAX_VOXELS:
-        raise _NotNifti(_fix_hint(f"header declares {' x '.join(map(str, shape))} = {n_voxels} voxels "
-                                  f"({n_voxels * dtype.itemsize / 2**30:.1f} GiB), more than the {MAX_VOXELS} autoliver reads"))
+    problem = voxel_budget_problem(shape, dtype.itemsize)
+    if problem:
+        raise _NotNifti(f"header {problem}")
 
     vox_offset = float(header["vox_offset"])
     if not (math.isfinite(vox_offset) and 0 <= vox_offset <= MAX_VOX_OFFSET and vox_offset == int(vox_offset)):
@@ -154,6 +165,13 @@ def _geometry_problems(parsed: NiftiHeader) -> list[str]:
                 shown = values.tolist() if values.size > 1 else values[0]
                 out.append(f"{field} ({code} {int(header[code])}: origin/direction) is {shown}, not finite; "
                            "fix the file's orientation and re-export it")
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if slope == 0 and math.isfinite(inter) and inter != 0:
+        out.append(f"scl_slope is 0 with scl_inter {inter!r}: readers disagree whether to scale the voxels (NIfTI: no scaling; ITK adds "
+                   "the intercept); set scl_slope 1 (or scl_inter 0) and re-export it")
+    elif math.isfinite(slope) and slope != 0 and not math.isfinite(inter):
+        out.append(f"scl_slope is {slope!r} with scl_inter {inter!r}: the intensity scaling is not a finite line; "
+                   "set scl_inter 0 and re-export it")
     return out
 
 
@@ -246,12 +264,13 @@ def _gzip_stream_size(path: Path) -> tuple[int, bool]:
 
 
 def check_nifti_complete(path: str | os.PathLike) -> None:
-    """Raise ImageReadError if a .nii/.nii.gz file's header is invalid (``check_nifti_header``)
-    or the file holds fewer voxel bytes than its header says.
+    """Raise ImageReadError if a .nii/.nii.gz file's header is invalid (``check_nifti_header``),
+    the file holds fewer voxel bytes than its header says, or its gzip stream is damaged.
 
     ITK's NIfTI reader fills the missing part of a truncated file with zeros without an error,
-    so this is checked here. For .nii.gz the gzip trailer (uncompressed size) is compared first,
-    which costs nothing for an intact file; only a mismatch decompresses the stream to decide.
+    and reads a .nii.gz without checking the gzip checksum (a flipped byte in the stream becomes
+    wrong voxels), so the whole stream is decompressed here (streamed, never held) and its CRC
+    and length checked by zlib.
     """
     path = Path(path)
     parsed = check_nifti_header(path)
@@ -262,10 +281,6 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
         if _suffix(path) == ".nii":
             have, complete = path.stat().st_size, True
         else:
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                if struct.unpack("<I", f.read(4))[0] == expected % (1 << 32):
-                    return
             have, complete = _gzip_stream_size(path)
     except (OSError, zlib.error) as exc:
         raise ImageReadError(f"{path}: cannot be decompressed ({exc}); the file is damaged or not gzip: re-copy or re-export it") from None
@@ -273,4 +288,11 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
         raise ImageReadError(
             f"{path}: truncated: holds {have} of the {expected} bytes its header announces"
             f"{'' if complete else ' and its gzip stream ends early'}; re-copy or re-export the file"
+        )
+    size = parsed.header.sizeof_hdr
+    if float(parsed.header["vox_offset"]) < size + 4 and have != expected:
+        raise ImageReadError(
+            f"{path}: vox_offset {float(parsed.header['vox_offset'])!r} lies inside the header, but the voxels do not start right after "
+            f"it ({have} bytes for {expected} from byte {size}): readers disagree where they start; fix vox_offset (at least {size + 4}) "
+            "and re-export the file"
         )

@@ -68,11 +68,12 @@ def _header_problems(path: Path) -> tuple[Geometry | None, list[str]]:
 
 def _nonfinite_count(path: Path, array: np.ndarray) -> int:
     """NaN/Inf voxels of ``path`` (read as ``array``). ITK reads NIfTI NaN/Inf as 0, so for NIfTI
-    files the raw voxel bytes are scanned instead."""
+    files the raw voxel bytes are scanned too; the array itself is scanned as well, since an
+    intensity scaling (``scl_slope``) can overflow finite stored values to Inf."""
     if not np.issubdtype(array.dtype, np.floating):
         return 0
     raw = nifti_nonfinite_count(path)
-    if raw is not None:
+    if raw:
         return raw
     flat = array.reshape(-1)
     return int(sum(np.count_nonzero(~np.isfinite(flat[i : i + _SLAB_VOXELS])) for i in range(0, flat.size, _SLAB_VOXELS)))
