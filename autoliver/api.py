@@ -55,8 +55,11 @@ def validate(dataset_spec: str | Path, workspace: Workspace, options: StageOptio
     return dataset
 
 
-def convert(source_format: str, source: str | Path, output: str | Path, workspace: Workspace, overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert an MSD Task03 or LiTS folder into a raw dataset.
+def convert(source_format: str, source: str | Path, output: str | Path, workspace: Workspace, overwrite: bool = False, progress: bool = True,
+            mapping: dict[str, int] | None = None, case_ids: str | None = None) -> Path:
+    """Convert an MSD Task03 or LiTS folder, or a folder of DICOM CT series with their DICOM-SEG
+    files (``dicom-seg``: segments mapped to labels by ``mapping`` or by their names and codes,
+    case ids from ``case_ids``: patient, study, series or index), into a raw dataset.
 
     ``output`` is a path, or a bare ``DatasetNNN_Name`` that goes under the workspace's raw/.
     """
@@ -65,9 +68,15 @@ def convert(source_format: str, source: str | Path, output: str | Path, workspac
     out = Path(output)
     if len(out.parts) == 1 and DATASET_NAME_RE.match(out.name):
         out = workspace.raw / out.name
+    if source_format == "dicom-seg":
+        from autoliver.io.dicom_seg_convert import convert_dicom_seg
+
+        return convert_dicom_seg(Path(source), out, mapping, case_ids=case_ids or "patient", overwrite=overwrite, progress=progress)
+    if mapping is not None or case_ids is not None:
+        raise UsageError("--mapping and --case-ids go with --from dicom-seg")
     converters = {"msd": convert_msd, "lits": convert_lits}
     if source_format not in converters:
-        raise UsageError(f"unknown source format {source_format!r}; choose one of {sorted(converters)}")
+        raise UsageError(f"unknown source format {source_format!r}; choose one of {sorted(converters) + ['dicom-seg']}")
     return converters[source_format](Path(source), out, overwrite=overwrite, progress=progress)
 
 

@@ -52,7 +52,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from autoliver import api
 
-    out = api.convert(args.source_format, args.source, args.output, _workspace(args), overwrite=args.overwrite, progress=not args.no_progress)
+    mapping = None
+    if args.mapping:
+        from autoliver.io.dicom_seg_codes import parse_mapping
+
+        mapping = parse_mapping(args.mapping)
+    out = api.convert(args.source_format, args.source, args.output, _workspace(args), overwrite=args.overwrite, progress=not args.no_progress,
+                      mapping=mapping, case_ids=args.case_ids)
     print(f"wrote raw dataset {out}")
     return 0
 
@@ -239,6 +245,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         roi_margin_mm=args.roi_margin,
         precision=args.precision,
         series_uid=args.series,
+        output_format=args.output_format,
     )
     if not 0 < options.step <= 1:
         raise UsageError(f"--step-size must be in (0, 1], got {options.step}")
@@ -429,9 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("convert", help="turn an MSD Task03 or LiTS folder into a raw dataset", description="Convert MSD Task03_Liver or LiTS raw files into a raw dataset in nnU-Net v2 layout.")
-    p.add_argument("--from", dest="source_format", choices=["msd", "lits"], required=True, help="layout of SRC")
-    p.add_argument("source", metavar="SRC", help="the MSD Task03_Liver folder or the LiTS folder")
+    p = sub.add_parser("convert", help="turn an MSD Task03, LiTS or DICOM + DICOM-SEG folder into a raw dataset", description="Convert MSD Task03_Liver or LiTS raw files, or DICOM CT series with their DICOM-SEG labels, into a raw dataset in nnU-Net v2 layout.")
+    p.add_argument("--from", dest="source_format", choices=["msd", "lits", "dicom-seg"], required=True, help="layout of SRC")
+    p.add_argument("source", metavar="SRC", help="the MSD Task03_Liver folder, the LiTS folder, or a folder of DICOM CT series with their DICOM-SEG files")
+    p.add_argument("--mapping", nargs="+", metavar="LABEL=VALUE", help="dicom-seg: segment label -> 1 (liver), 2 (tumour) or 0 (ignore), e.g. "
+                   "--mapping Liver=1 Tumor=2 (default: inferred from segment labels and codes)")
+    p.add_argument("--case-ids", choices=["patient", "study", "series", "index"], help="dicom-seg: case ids from Patient ID, Study/Series "
+                   "Instance UID, or numbered (default: patient)")
     p.add_argument("-o", "--output", required=True, help="DatasetNNN_Name (goes under the workspace's raw/) or a path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     _add_common(p, jobs=False)
@@ -532,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--roi", action=argparse.BooleanOptionalAction, default=True, help="find the liver with a coarse pass first and run the accurate pass only around it (default: on)")
     p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")
+    p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default="nifti", help="<case>.nii.gz, or for DICOM series "
+                   "inputs <case>.dcm, a DICOM Segmentation referring to the input series (liver and tumour segments), or both "
+                   "(default: %(default)s)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="nnU-Net v2 models: the checkpoint file of each fold "
                    "(default: %(default)s, else checkpoint_best.pth)")
     p.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder that holds several (its SeriesInstanceUID)")

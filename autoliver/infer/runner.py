@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoliver import __version__
+from autoliver.core.errors import UsageError
 from autoliver.evaluate.case_report import case_report
 from autoliver.infer.ensemble import Ensemble
 from autoliver.infer.nnunet_model import NnunetModel, predict_nnunet_case, prepare_case
@@ -38,7 +39,7 @@ from autoliver.infer.pipeline import ROI_DEFAULT, as_ensemble, predict_case
 from autoliver.infer.predictor import Model, preprocess_for
 from autoliver.infer.roi import MARGIN_MM
 from autoliver.io.atomic import atomic_path, check_writable, remove_stale_temporaries, write_json
-from autoliver.io.images import write_image
+from autoliver.io.images import dicom_series_files, write_image
 from autoliver.io.inputs import InputCase, discover_inputs, select_shard
 from autoliver.io.validate import read_checked_image
 
@@ -60,6 +61,7 @@ class PredictOptions:
     roi_margin_mm: float = MARGIN_MM
     precision: str = "auto"  # the models' precision (applied when they are loaded: api.predict)
     series_uid: str | None = None  # the DICOM series to read from a folder holding several
+    output_format: str = "nifti"  # nifti | dicom-seg | both (DICOM-SEG: for DICOM series inputs)
 
 
 @dataclass
@@ -81,8 +83,39 @@ class PredictSummary:
         return out
 
 
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+SEG_SUFFIX = ".dcm"
+
+
 def output_path(output: Path, case_id: str) -> Path:
     return Path(output) / f"{case_id}{OUTPUT_SUFFIX}"
+
+
+def done_path(output: Path, case_id: str, output_format: str = "nifti") -> Path:
+    """The file written last for a case, whose presence marks it finished."""
+    return Path(output) / f"{case_id}{SEG_SUFFIX}" if output_format == "dicom-seg" else output_path(output, case_id)
+
+
+def check_output_format(cases: list[InputCase], output_format: str) -> None:
+    """DICOM-SEG refers to a source series: refuse it for inputs that are not DICOM series."""
+    if output_format not in OUTPUT_FORMATS:
+        raise UsageError(f"--output-format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format != "nifti":
+        files = [str(c.path) for c in cases if not c.path.is_dir()]
+        if files:
+            raise UsageError(f"--output-format {output_format} needs DICOM series inputs (it refers to their slices); "
+                             f"not a DICOM series: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}; use --output-format nifti")
+
+
+def _write_segmentation(output: Path, case: InputCase, seg: np.ndarray, geometry, options: PredictOptions) -> None:
+    """The case's label files: the DICOM-SEG first, the NIfTI last (it marks the case done)."""
+    if options.output_format in ("dicom-seg", "both"):
+        from autoliver.io.dicom_seg import write_dicom_seg  # highdicom: imported only when asked for
+
+        files = dicom_series_files(case.path, options.series_uid)
+        write_dicom_seg(seg, files, output / f"{case.case_id}{SEG_SUFFIX}", geometry=geometry)
+    if options.output_format in ("nifti", "both"):
+        write_image(output_path(output, case.case_id), seg, geometry)
 
 
 def _load(model: Ensemble | NnunetModel, case: InputCase, series_uid: str | None = None):
@@ -122,7 +155,7 @@ def _finish(model: Ensemble | NnunetModel, case: InputCase, loaded, output: Path
     report["runtime_s"] = {k: round(float(v), 4) for k, v in timings.items()}
     report["events"] = {"input_ready": ready_at, "finished": time.time()}  # wall-clock (epoch seconds)
     write_json(output / f"{case.case_id}.json", report)
-    write_image(output_path(output, case.case_id), result.seg, geometry)  # last: marks the case done
+    _write_segmentation(output, case, result.seg, geometry, options)  # last: marks the case done
     timings["export_s"] += time.perf_counter() - t2
     return timings, report["events"]
 
@@ -139,12 +172,13 @@ def predict_inputs(model: Model | Ensemble | NnunetModel, source: str | Path, ou
     model = model if isinstance(model, NnunetModel) else as_ensemble(model)
     output = Path(output).expanduser()
     cases = select_shard(discover_inputs(source), options.shard)
+    check_output_format(cases, options.output_format)
     check_writable(output)
     remove_stale_temporaries(output)
     summary = PredictSummary(output)
     todo = []
     for case in cases:
-        if output_path(output, case.case_id).exists() and not options.overwrite:
+        if done_path(output, case.case_id, options.output_format).exists() and not options.overwrite:
             summary.skipped.append(case.case_id)
         else:
             todo.append(case)
@@ -180,7 +214,7 @@ def predict_inputs(model: Model | Ensemble | NnunetModel, source: str | Path, ou
                 summary.seconds[case.case_id] = sum(v for k, v in timings.items() if k not in ("read_s", "preprocess_s")) + \
                     (0.0 if pool is not None else timings["read_s"] + timings["preprocess_s"])
                 summary.predicted.append(case.case_id)
-                log.info("%s: %s (%.1f s)", case.case_id, output_path(output, case.case_id), summary.seconds[case.case_id])
+                log.info("%s: %s (%.1f s)", case.case_id, done_path(output, case.case_id, options.output_format), summary.seconds[case.case_id])
             except OSError as exc:
                 if _writing_output(exc, output):
                     raise  # the output folder, not this case: every later case would fail the same way
