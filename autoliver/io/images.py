@@ -7,6 +7,7 @@ SimpleITK reports them (x, y, z order; direction as a row-major 3x3 matrix).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -219,7 +220,22 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
         _write_detached(Path(path), image, compress)
         return
     with atomic_path(path, suffix=suffix) as tmp:
+        _sitk_write(image, tmp, compress, Path(path), int(array.nbytes))
+
+
+def _sitk_write(image: sitk.Image, tmp: Path, compress: bool, target: Path, n_bytes: int) -> None:
+    """``sitk.WriteImage`` to ``tmp``, then proof that the file is whole: ITK's NIfTI writer only
+    prints "wrote only N of M bytes" when the disk fills and leaves a truncated file, and its
+    other writers raise a RuntimeError without an errno. Either becomes an ``OSError`` naming
+    ``target`` (ENOSPC when the disk has less room than the image needs)."""
+    try:
         sitk.WriteImage(image, str(tmp), compress)
+        check_nifti_complete(tmp)
+    except (RuntimeError, ImageReadError) as exc:
+        free = shutil.disk_usage(tmp.parent).free
+        code = errno.ENOSPC if free < n_bytes + (1 << 20) else errno.EIO
+        reason = os.strerror(code) if code == errno.ENOSPC else f"the image could not be written completely ({str(exc).splitlines()[-1][:160]})"
+        raise OSError(code, reason, str(target)) from None
 
 
 def _write_detached(path: Path, image: sitk.Image, compress: bool) -> None:
@@ -228,7 +244,7 @@ def _write_detached(path: Path, image: sitk.Image, compress: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        sitk.WriteImage(image, str(tmp_dir / path.name), compress)
+        _sitk_write(image, tmp_dir / path.name, compress, path, int(np.prod(image.GetSize())) * image.GetSizeOfPixelComponent())
         for produced in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):
             os.replace(produced, path.parent / produced.name)
     finally:
