@@ -178,8 +178,9 @@ def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch, suffix):
         raise RuntimeError("No space left on device")
 
     monkeypatch.setattr(images.sitk, "WriteImage", failing_write)
-    with pytest.raises(RuntimeError, match="No space"):
+    with pytest.raises(OSError, match="No space") as info:
         write_image(path, old + 1, GEOMETRY)
+    assert info.value.filename == str(path)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     np.testing.assert_array_equal(read_image(path)[0], old)

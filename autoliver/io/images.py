@@ -233,7 +233,7 @@ def _sitk_write(image: sitk.Image, tmp: Path, compress: bool, target: Path, n_by
         check_nifti_complete(tmp)
     except (RuntimeError, ImageReadError) as exc:
         free = shutil.disk_usage(tmp.parent).free
-        code = errno.ENOSPC if free < n_bytes + (1 << 20) else errno.EIO
+        code = errno.ENOSPC if free < n_bytes + (1 << 20) or "No space left" in str(exc) else errno.EIO
         reason = os.strerror(code) if code == errno.ENOSPC else f"the image could not be written completely ({str(exc).splitlines()[-1][:160]})"
         raise OSError(code, reason, str(target)) from None
 
