@@ -3,7 +3,6 @@ predictions (the steps themselves live in :mod:`autoliver.postprocess`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -14,12 +13,13 @@ import numpy as np
 from tqdm import tqdm
 
 from autoliver.core.artefacts import CRF_STEP
-from autoliver.core.errors import MissingArtefactError, UsageError
+from autoliver.core.errors import DatasetError, MissingArtefactError, UsageError
 from autoliver.evaluate.case_report import case_report
 from autoliver.infer.predictor import find_plans
 from autoliver.io.atomic import write_json
 from autoliver.io.images import read_image, write_image
 from autoliver.io.inference_plan import inference_plan_path, load_inference_plan
+from autoliver.io.jsonfile import read_json
 from autoliver.postprocess.apply import apply_postprocessing
 from autoliver.preprocess.normalise import normalise_ct
 from planning.plans import Plans
@@ -95,7 +95,7 @@ def postprocess_folder(in_dir: str | Path, out_dir: str | Path, plan_path: str |
         seconds = time.perf_counter() - t0
         report_path = in_dir / f"{case}.json"
         if report_path.is_file():
-            old = json.loads(report_path.read_text(encoding="utf-8"))
+            old = read_json(report_path, DatasetError, f"delete it (it is rewritten from {target.name}) or predict the case again")
             write_json(out_dir / f"{case}.json", _updated_report(old, new, geometry, [s.name for s in steps], seconds))
         write_image(target, new, geometry)
         summary.processed.append(case)

@@ -24,7 +24,6 @@ failure leaves nothing half-written; an existing non-empty ``dst`` is replaced o
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import shutil
@@ -38,6 +37,7 @@ from autoliver.core.errors import DatasetError, UsageError
 from autoliver.core.layout import DATASET_NAME_RE
 from autoliver.io.atomic import atomic_dir, write_json
 from autoliver.io.images import check_nifti_complete, read_header, read_sitk
+from autoliver.io.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,7 @@ def convert_msd(src: Path, dst: Path, progress: bool = True, overwrite: bool = F
     layout = "MSD Task03_Liver folder (imagesTr/liver_N.nii.gz, labelsTr/liver_N.nii.gz, dataset.json)"
     if not (src / "dataset.json").is_file() or not (src / "imagesTr").is_dir() or not (src / "labelsTr").is_dir():
         raise DatasetError(f"{src}: does not look like an {layout}: dataset.json, imagesTr/ and labelsTr/ are required")
-    try:
-        dj = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{src / 'dataset.json'}: not valid JSON ({exc}); restore the original MSD file") from None
+    dj = read_json(src / "dataset.json", DatasetError, "restore the original MSD file")
     problems = []
     labels = {str(k): str(v).lower() for k, v in (dj.get("labels") or {}).items()} if isinstance(dj, dict) else {}
     if set(labels) != {"0", "1", "2"} or "liver" not in labels["1"]:

@@ -238,7 +238,7 @@ def _parse_manifest(data: bytes, source: str) -> dict:
     fix = "export the model again with `autoliver export_model`"
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON errors, huge integers
         raise ModelPackageError(f"{source}: manifest.json is not valid JSON ({type(exc).__name__}); {fix}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         raise ModelPackageError(f"{source}: not an autoliver model package (manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}); {fix}")

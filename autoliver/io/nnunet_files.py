@@ -19,7 +19,6 @@ complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -33,6 +32,7 @@ import torch
 
 from autoliver.core.errors import CheckpointError, MissingArtefactError, UsageError
 from autoliver.io.archive import ArchiveLimits, safe_extract
+from autoliver.io.jsonfile import read_json as _read_json
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MissingArtefactError(f"{path}: {what} not found; an nnU-Net model folder holds plans.json, dataset.json and fold_K/") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable {what} ({exc}); copy the model folder again") from None
+    if not Path(path).is_file():
+        raise MissingArtefactError(f"{path}: {what} not found; an nnU-Net model folder holds plans.json, dataset.json and fold_K/")
+    data = _read_json(path, UsageError, "copy the model folder again")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: {what} is not a JSON object")
     return data
@@ -102,8 +99,8 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     if not (plans.is_file() and (path / "dataset.json").is_file() and any(path.glob("fold_*/checkpoint_*.pth"))):
         return False
     try:
-        data = json.loads(plans.read_text())
-    except (OSError, ValueError):
+        data = _read_json(plans, UsageError)
+    except UsageError:
         return False
     return isinstance(data, dict) and "configurations" in data and "dataset_name" in data
 

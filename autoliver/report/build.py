@@ -15,7 +15,6 @@ rendered. One bad case is listed as failed and the others are still reported.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ import numpy as np
 
 from autoliver import __version__
 from autoliver.core.artefacts import FoldMetrics
-from autoliver.core.errors import MissingArtefactError, UsageError
+from autoliver.core.errors import DatasetError, MissingArtefactError, UsageError
 from autoliver.core.labels import STRUCTURE_NAMES
 from autoliver.core.layout import FoldPaths, ModelPaths, fold_of
 from autoliver.core.parallel import parallel_map
@@ -143,7 +142,7 @@ def _case_worker(case_id: str, image: Path | None, rows: Sequence[tuple[str, Pat
         del ct
         summary = None
         if report_json is not None and report_json.is_file():
-            summary = CaseSummary.from_report(json.loads(report_json.read_text(encoding="utf-8")))
+            summary = CaseSummary.from_report(read_json(report_json, DatasetError, "delete it or predict the case again"))
         else:
             summary = CaseSummary.from_report(case_report(segs[0], geometry))
         reference = None
@@ -177,8 +176,8 @@ def load_evaluation(folder: str | Path) -> dict:
     path = path / EVALUATION_JSON if path.is_dir() else path
     if not path.is_file():
         raise MissingArtefactError(f"{path}: not found; run `autoliver evaluate -r REFERENCES -p PREDICTIONS -o {path.parent}` first")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data.get("per_case"), dict):
+    data = read_json(path, MissingArtefactError, f"run `autoliver evaluate -r REFERENCES -p PREDICTIONS -o {path.parent}` again")
+    if not isinstance(data, dict) or not isinstance(data.get("per_case"), dict):
         raise MissingArtefactError(f"{path}: has no per_case results; run `autoliver evaluate` again to rewrite it")
     return data
 
