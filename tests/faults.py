@@ -21,6 +21,7 @@ named point (``kill_at="train.iteration:17"``), anywhere in autoliver, loader wo
 from __future__ import annotations
 
 import importlib
+import json
 import multiprocessing
 import os
 import signal
@@ -159,3 +160,29 @@ def tensor_differences(a: Any, b: Any, prefix: str = "") -> tuple[list[str], int
         return diffs, n
     same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
     return ([] if same else [prefix or "<root>"]), 0
+
+
+# output files whose content records wall-clock times: compared without those fields
+TIMED_KEYS = {"seconds", "case_seconds", "time_s", "timings", "stage_seconds", "peak_rss_mb", "created", "elapsed_s", "events"}
+
+
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if k not in TIMED_KEYS and not k.endswith("_s")}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def contents(folder: Path) -> dict[str, object]:
+    """Every file under ``folder``: JSON parsed (times dropped), anything else as bytes."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(folder))
+            out[rel] = _without_times(json.loads(p.read_text())) if p.suffix == ".json" else p.read_bytes()
+    return out
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

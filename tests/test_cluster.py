@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from faults import contents, differing
 from helpers import DATASET
-from test_fault_stages import contents, differing
 
 from autoliver.cli import main
 from autoliver.core.errors import UsageError

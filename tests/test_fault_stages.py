@@ -8,13 +8,12 @@ point, counting from its own start), then run to the end. The points are the sta
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from faults import run_cli, stale_temporaries
+from faults import contents, differing, run_cli, stale_temporaries
 from helpers import DATASET
 
 from autoliver.core.layout import Workspace
@@ -22,32 +21,6 @@ from autoliver.core.layout import Workspace
 pytestmark = pytest.mark.subprocess
 
 KILLS = 20
-# output files whose content records wall-clock times: compared without those fields
-TIMED_KEYS = {"seconds", "case_seconds", "time_s", "timings", "stage_seconds", "peak_rss_mb", "created", "elapsed_s", "events"}
-
-
-def _without_times(value):
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if k not in TIMED_KEYS and not k.endswith("_s")}
-    if isinstance(value, list):
-        return [_without_times(v) for v in value]
-    return value
-
-
-def contents(folder: Path) -> dict[str, object]:
-    """Every file under ``folder``: JSON parsed (times dropped), anything else as bytes."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            rel = str(p.relative_to(folder))
-            out[rel] = _without_times(json.loads(p.read_text())) if p.suffix == ".json" else p.read_bytes()
-    return out
-
-
-def differing(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
 def survive_kills(argv: list[str], points: dict[str, tuple[int, int]], seed: int, output: Path, expected: dict, logs: Path) -> int:
     """Run ``argv`` again and again, each run killed at a "POINT:N" drawn from a generator
     seeded ``seed`` (N counts from that run's start), until ``KILLS`` runs were killed. A run
