@@ -100,3 +100,20 @@ def test_write_image_refuses_to_keep_a_truncated_file(tmp_path, monkeypatch):
             {"shape": [4, 8, 8], "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}))
     assert info.value.filename == str(tmp_path / "a.nii.gz") and info.value.errno in (errno.ENOSPC, errno.EIO)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_output_is_refused_before_any_network_runs(model_ws, caplog, monkeypatch):
+    images_dir = model_ws.raw / DATASET / "imagesTr"
+    ran = []
+    import autoliver.infer.runner as runner
+
+    monkeypatch.setattr(runner, "predict_case", lambda *a, **k: ran.append(1))  # must never be reached
+    with small_disk(64) as disk:
+        if disk is None:
+            pytest.skip("no tmpfs can be mounted here")
+        (disk / "out").mkdir()
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0
+        with caplog.at_level(logging.ERROR):
+            rc = main(["predict", "-i", str(images_dir), "-o", str(disk / "out"), "-m", str(model_ws.results(DATASET)), *PREDICT])
+    assert rc == 1 and ran == []
+    assert "Read-only file system" in caplog.text and str(disk / "out") in caplog.text
