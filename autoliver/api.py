@@ -306,7 +306,8 @@ def predict(input_path: str | Path, output: str | Path, workspace: Workspace, mo
         model = load_nnunet_model(Path(model_dir).expanduser(), folds, checkpoint, device, configs[0] if configs else None,
                                   options.precision)
         return predict_inputs(model, input_path, output, options)
-    ensemble = load_ensemble(resolve_model_dir(workspace, model_dir, dataset_spec), configuration, folds, device, options.precision)
+    ensemble = load_ensemble(resolve_model_dir(workspace, model_dir, dataset_spec), configuration, folds, device, options.precision,
+                             engine=options.engine)
     return predict_inputs(ensemble, input_path, output, options)
 
 

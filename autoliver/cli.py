@@ -246,6 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         series_uid=args.series,
         output_format=args.output_format,
+        engine=args.engine,
     )
     if not 0 < options.step <= 1:
         raise UsageError(f"--step-size must be in (0, 1], got {options.step}")
@@ -545,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")
     p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default="nifti", help="<case>.nii.gz, or for DICOM series "
                    "inputs <case>.dcm, a DICOM Segmentation referring to the input series (liver and tumour segments), or both "
+                   "(default: %(default)s)")
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto", help="how the networks run on a CPU; "
+                   "auto: OpenVINO, else ONNX Runtime when installed (pip install 'autoliver[fast-cpu]'), else torch; always torch on a GPU "
                    "(default: %(default)s)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="nnU-Net v2 models: the checkpoint file of each fold "
                    "(default: %(default)s, else checkpoint_best.pth)")

@@ -97,8 +97,8 @@ def read_inference_plan(path: Path, plans: Plans, plans_path: Path):
 
 def load_ensemble(model_dir: str | Path, configurations: Sequence[str] | str | None = None,
                   folds: Sequence[str | int] | None = None, device: str | torch.device = "cpu",
-                  precision: str = "auto", use_plan: bool = True) -> Ensemble:
-    """The models to predict with (see the module docstring)."""
+                  precision: str = "auto", use_plan: bool = True, engine: str = "torch") -> Ensemble:
+    """The models to predict with (see the module docstring); ``engine`` as for ``load_model``."""
     model_dir = Path(model_dir)
     if isinstance(configurations, str):
         configurations = [configurations]
@@ -107,14 +107,14 @@ def load_ensemble(model_dir: str | Path, configurations: Sequence[str] | str | N
     if not configurations and not folds and use_plan and plan_path.is_file():
         plans_path = find_plans(model_dir)
         plan = read_inference_plan(plan_path, Plans.load(plans_path), plans_path)
-        models = tuple(load_model(model_dir, c, plan.folds.get(c) or None, device, precision) for c in plan.configurations)
+        models = tuple(load_model(model_dir, c, plan.folds.get(c) or None, device, precision, engine) for c in plan.configurations)
         steps = plan.enabled_steps
         log.info("%s: configurations %s, post-processing %s", plan_path, ", ".join(plan.configurations),
                  ", ".join(s.name for s in steps) or "none")
         return Ensemble(models, steps, str(plan_path))
     if not configurations:
-        model = load_model(model_dir, None, folds, device, precision)
+        model = load_model(model_dir, None, folds, device, precision, engine)
         return Ensemble((model,), (), "default" if not folds else "arguments")
     if not model_dir.is_dir():
         raise MissingArtefactError(f"{model_dir}: model folder not found; train one with `autoliver train -d DATASET CONFIG FOLD`")
-    return Ensemble(tuple(load_model(model_dir, c, folds, device, precision) for c in configurations), (), "arguments")
+    return Ensemble(tuple(load_model(model_dir, c, folds, device, precision, engine) for c in configurations), (), "arguments")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ import torch
 from autoliver.core.device import select_device
 from autoliver.core.errors import CheckpointError, MissingArtefactError, PlanError, StaleArtefactError, UsageError
 from autoliver.core.layout import CHECKPOINTS, FoldPaths, ModelPaths, fold_name, fold_of
-from autoliver.infer.precision import autocast_dtype
+from autoliver.infer.engines import EngineFactory, engine_input_shape
+from autoliver.infer.precision import autocast_dtype, resolve_precision
 from autoliver.infer.sliding_window import argmax_labels, tile_starts
 from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.checkpoint import load_checkpoint
@@ -49,6 +50,12 @@ class FoldNetwork:
     checkpoint: Path
     epoch: int
     network: torch.nn.Module
+    engine: Callable[[torch.Tensor], torch.Tensor] | None = None  # an exported runtime (autoliver.infer.engines); None: torch
+
+
+def fold_predictor(model: "Model", fold: FoldNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What runs a fold's network on a batch of tiles: its engine, else the torch network."""
+    return fold.engine if fold.engine is not None else make_predictor(fold.network, model.device, model.autocast)
 
 
 @dataclass(frozen=True)
@@ -121,12 +128,14 @@ def _choose_configuration(model_dir: Path, plans: Plans, configuration: str | No
 
 
 def load_model(model_dir: str | Path, configuration: str | None = None, folds: Sequence[str | int] | None = None,
-               device: str | torch.device = "cpu", precision: str = "auto") -> Model:
+               device: str | torch.device = "cpu", precision: str = "auto", engine: str = "torch") -> Model:
     """Load the plans and the networks of ``configuration``'s ``folds``.
 
     Default folds: every numbered fold with a checkpoint, else ``all``. A cascade
     configuration also loads its previous stage (the same folds when it has them all, else
-    its default folds). ``precision``: see autoliver.infer.precision.
+    its default folds). ``precision``: see autoliver.infer.precision. ``engine``: torch, or a
+    CPU runtime each network is exported to once and cached beside its checkpoint
+    (``autoliver.infer.engines``: auto, onnxruntime, openvino; torch when none is installed).
     """
     from autoliver.nets.registry import build_network, net_spec
 
@@ -150,6 +159,7 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
             raise MissingArtefactError(f"{config_dir}: no trained fold; {train_hint} first")
     networks = []
     arch = None
+    factory = None if engine == "torch" else EngineFactory(engine, device, precision=resolve_precision(precision, device))
     for fold in wanted:
         fold_dir = paths.fold(name, fold).root
         path = _fold_checkpoint(fold_dir)
@@ -170,20 +180,23 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
                                   "predict with the plans it was trained with, or retrain the fold") from None
         network.deep_supervision = False
         network.eval().to(device)
-        networks.append(FoldNetwork(fold, path, int(state["epoch"]), network))
+        runner = None
+        if factory is not None and factory.name != "torch":
+            runner = factory.build(network, engine_input_shape(plans.configurations[name], n_classes), checkpoint=path)
+        networks.append(FoldNetwork(fold, path, int(state["epoch"]), network, runner if runner is not None and runner.name != "torch" else None))
         log.info("loaded %s (epoch %d)", path, int(state["epoch"]))
     config = plans.configurations[name]
     pad_value = pad_value_for(plans, config.data_identifier)
     previous = None
     if config.previous_stage:
         have_all = all(_fold_checkpoint(paths.fold(config.previous_stage, f).root) is not None for f in wanted)
-        previous = load_model(model_dir, config.previous_stage, wanted if have_all else None, device, precision)
+        previous = load_model(model_dir, config.previous_stage, wanted if have_all else None, device, precision, engine)
     liver = None
     if config.stage == "tumour":
         if not config.liver_stage or config.liver_stage not in plans.configurations:
             raise PlanError(f"{plans_path}: tumour stage {name} names no planned liver stage ({config.liver_stage!r}); add its recipe again")
         have_all = all(_fold_checkpoint(paths.fold(config.liver_stage, f).root) is not None for f in wanted)
-        liver = load_model(model_dir, config.liver_stage, wanted if have_all else None, device, precision)
+        liver = load_model(model_dir, config.liver_stage, wanted if have_all else None, device, precision, engine)
     return Model(model_dir, plans, config, tuple(networks), arch or "unet", n_classes, device, pad_value,
                  autocast_dtype(precision, device), previous, liver)
 
@@ -211,7 +224,7 @@ def tta_axes(config: Configuration) -> tuple[int, ...]:
 
 def _fold_probabilities(model: Model, fold: FoldNetwork, data: np.ndarray, tta: bool, step: float,
                         prev_seg: np.ndarray | None, starts=None) -> torch.Tensor:
-    predictor = make_predictor(fold.network, model.device, model.autocast)
+    predictor = fold_predictor(model, fold)
     if tta:
         predictor = mirrored(predictor, tta_axes(model.configuration))
     return predict_volume(predictor, data, model.configuration, model.n_classes, model.device, step, prev_seg=prev_seg,

@@ -26,9 +26,8 @@ import torch
 from scipy import ndimage
 
 from autoliver.core.labels import STRUCTURES
-from autoliver.infer.predictor import Box, Model
+from autoliver.infer.predictor import Box, Model, fold_predictor
 from autoliver.infer.sliding_window import Window, _pad_to, argmax_labels, predict_slicewise, tile_starts
-from autoliver.infer.volume import make_predictor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def coarse_labels(model: Model, data: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """Labels of a quick pass: (labels uint8 (n, Y, X), z indices (n,)) — every slice for a
     3d network (non-overlapping tiles), every k-th slice for a 2d/2.5d one."""
     config = model.configuration
-    predictor = make_predictor(model.folds[0].network, model.device, model.autocast)
+    predictor = fold_predictor(model, model.folds[0])
     spacing = config.spacing
     with torch.inference_mode():
         if config.network_dims == 2:
