@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from autoliver.core.errors import UsageError
-from autoliver.infer import engine_cache
 from autoliver.infer.engine_cache import CACHE_DIR_NAME, cached_build, engine_key, key_fields, read_meta
 from autoliver.infer.engines import AUTO_ORDER, EngineFactory, engine_input_shape, select_engine, static_batches
 from autoliver.infer.sliding_window import Window, sliding_window_predict
 from autoliver.infer.volume import make_predictor
+from autoliver.io import atomic
 from autoliver.nets.registry import NetSpec, build_network
 
 SHAPE = (1, 1, 8, 16, 16)
@@ -249,7 +249,7 @@ def test_an_incomplete_entry_is_replaced(tmp_path):
 def test_a_killed_exporter_leaves_temporaries_the_next_one_removes(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = engine_cache._owner().rsplit("-", 1)[0]  # temporaries are named like autoliver.io.atomic's
+    host = atomic._host()  # temporaries are named by autoliver.io.atomic
     leftover = tmp_path / f".key.{host}-{dead.pid}.abcd1234.building"
     leftover.mkdir()
     (leftover / "model.onnx").write_bytes(b"partial")

@@ -24,16 +24,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from autoliver.io.atomic import remove_stale_temporaries
+from autoliver.io.atomic import remove_stale_temporaries, temporary_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +97,8 @@ def read_meta(entry: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _owner() -> str:
-    """``<host>-<pid>``, as ``autoliver.io.atomic`` names its temporaries (so its cleaner knows ours)."""
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())[:40] or 'host'}-{os.getpid()}"
-
-
 def _temporary(cache_dir: Path, key: str, suffix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{key}.{_owner()}.", suffix=suffix, dir=cache_dir))
+    return temporary_dir(cache_dir, key, suffix)
 
 
 def cached_build(cache_dir: str | os.PathLike, key: str, meta: dict, build: Callable[[Path], dict | None]) -> Path:

@@ -84,6 +84,12 @@ def remove_stale_temporaries(*folders: str | os.PathLike) -> int:
     return removed
 
 
+def temporary_dir(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
+    """A new hidden folder in ``folder`` named for ``name`` and its writer, which
+    ``remove_stale_temporaries`` removes once the writer is gone."""
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{_owner()}.", suffix=suffix, dir=folder))
+
+
 def check_writable(folder: str | os.PathLike) -> Path:
     """Make ``folder`` (with its parents) and prove a file can be written in it, before any long
     work whose results would go there: an ``OSError`` naming the folder otherwise."""
@@ -141,12 +147,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     either the old folder or the new one, never half of one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".building", dir=target.parent))
+    tmp = temporary_dir(target.parent, target.name, ".building")
     try:
         yield tmp
         faults.point("atomic.before_rename")
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=".old", dir=target.parent))
+            old = temporary_dir(target.parent, target.name, ".old")
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import SimpleITK as sitk
 
 from autoliver.core.errors import ImageReadError
 from autoliver.core.geometry import geometry_problems
-from autoliver.io.atomic import atomic_path
+from autoliver.io.atomic import atomic_path, temporary_dir
 from autoliver.io.dicom_checks import check_series_geometry
 from autoliver.io.nifti_raw import check_nifti_complete
 from autoliver.io.text_headers import check_text_header
@@ -242,7 +241,7 @@ def _write_detached(path: Path, image: sitk.Image, compress: bool) -> None:
     """Header + data file formats (.mhd, .nhdr): the header names its data file, so both are
     written under their final names in a temporary folder, then moved, data first, header last."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp_dir = temporary_dir(path.parent, path.name)
     try:
         _sitk_write(image, tmp_dir / path.name, compress, path, int(np.prod(image.GetSize())) * image.GetSizeOfPixelComponent())
         for produced in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):
