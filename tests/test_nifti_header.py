@@ -299,3 +299,9 @@ def test_validate_reports_each_refused_file_and_goes_on(tmp_path):
     assert "pixdim[3]" in by_case["tiny"]
     assert "srow_y" in by_case["sform"]
     assert "4294967296 voxels" in by_case["big"] or "cannot read the image header" in by_case["big"]
+
+
+@pytest.mark.parametrize("slope", [1e-38, -1e-35, 1e35])
+def test_scaling_slope_readers_disagree_on_is_refused(tmp_path, slope):
+    """Fuzzing found scl_slope 1e-38: ITK ignored it (voxel 217), nibabel applied it (2.17e-36)."""
+    assert_refused(make(tmp_path, ".nii", scl_slope=slope, scl_inter=0.0), "scl_slope")

@@ -23,7 +23,8 @@ Refused, with an ``ImageReadError`` naming the file and the field (``check_nifti
   (``sform_code > 0``): the transforms ITK uses for origin and direction;
 - an intensity scaling readers disagree on: ``scl_slope`` 0 with a non-zero ``scl_inter`` (the
   NIfTI standard: no scaling; ITK adds the intercept), or a usable ``scl_slope`` with a NaN/Inf
-  ``scl_inter`` (ITK drops it, nibabel refuses).
+  ``scl_inter`` (ITK drops it, nibabel refuses), or a slope so small or large (beyond 1e±30)
+  that ITK ignores it while nibabel applies it.
 
 The voxel count is checked against what this machine can hold (``autoliver.io.limits``).
 """
@@ -169,6 +170,9 @@ def _geometry_problems(parsed: NiftiHeader) -> list[str]:
     if slope == 0 and math.isfinite(inter) and inter != 0:
         out.append(f"scl_slope is 0 with scl_inter {inter!r}: readers disagree whether to scale the voxels (NIfTI: no scaling; ITK adds "
                    "the intercept); set scl_slope 1 (or scl_inter 0) and re-export it")
+    elif math.isfinite(slope) and slope != 0 and not 1e-30 <= abs(slope) <= 1e30:
+        out.append(f"scl_slope is {slope!r}: an intensity scaling readers disagree on (ITK ignores such a slope, nibabel applies it); "
+                   "set scl_slope 1 and re-export it")
     elif math.isfinite(slope) and slope != 0 and not math.isfinite(inter):
         out.append(f"scl_slope is {slope!r} with scl_inter {inter!r}: the intensity scaling is not a finite line; "
                    "set scl_inter 0 and re-export it")
