@@ -1,6 +1,7 @@
-"""Reading plans.json and fingerprint.json safely (``planning`` imports nothing of autoliver, so
-it has its own copy of ``autoliver.io.jsonfile``'s rules): one error naming the file and the fix
-for a missing, unreadable, non-UTF-8, invalid, too deeply nested or too large file."""
+"""Reading a JSON artefact safely: one error naming the file and the fix for a missing,
+unreadable, non-UTF-8, invalid, too deeply nested or too large file. ``planning`` reads
+plans.json and fingerprint.json with it; autoliver's readers use it through
+``autoliver.io.jsonfile.read_json``."""
 
 from __future__ import annotations
 
