@@ -18,20 +18,17 @@ crash leaves behind is removed by ``autoliver.io.atomic.remove_stale_temporaries
 trainer calls it on the fold's folders when it starts).
 
 Loading tells three failures apart: a file that is not there, a file that is damaged or
-truncated (the pickle stream cannot be read to its end), and a complete file that
-``weights_only`` loading refuses because it holds Python objects (a ``__reduce__`` payload, a
-class instance): such a file is reported as unsafe and nothing in it is run.
+truncated (it cannot be read to its end), and a file that ``weights_only`` loading refuses
+because it holds Python objects (a ``__reduce__`` payload, a class instance; torch's error names
+them): such a file is reported as unsafe and nothing in it is run.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
-import pickletools
 import random
-import zipfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +43,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 LOADABLE_VERSIONS = (1, 2)  # format 1: written before the data-stream positions were recorded
-SAFE_MODULES = ("torch", "collections", "_codecs")  # what torch's own checkpoints name (tensors, OrderedDict, bytes)
-LEGACY_PICKLES = 5  # a legacy (non-zip) torch file: magic number, protocol, system info, object, storage keys
+_REFUSED = re.compile(r"Unsupported (?:global|class):? (?:GLOBAL )?([A-Za-z_][\w.]*)")  # torch's weights-only refusal
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -61,45 +57,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         faults.point("checkpoint.before_rename")
 
 
-def _pickle_streams(path: Path) -> list[bytes]:
-    """The pickled part of a checkpoint file: ``*/data.pkl`` of a zip checkpoint (its CRC is
-    checked), else the file itself (the legacy format starts with a few pickles)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
-    return [path.read_bytes()]
-
-
-def _named_globals(data: bytes, max_pickles: int = LEGACY_PICKLES) -> list[str]:
-    """module.name of every global the pickles at the start of ``data`` name; parsing only
-    (``pickletools.genops`` builds and calls nothing). ValueError when a pickle is cut short."""
-    stream = io.BytesIO(data)
-    names: list[str] = []
-    for _ in range(max_pickles):
-        if stream.tell() >= len(data):
-            break
-        strings: list[str] = []
-        for op, arg, _pos in pickletools.genops(stream):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(str(arg))
-            elif op.name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", ".").replace("__builtin__.", "builtins."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-    return names
+def refused_globals(exc: BaseException) -> list[str]:
+    """The Python objects (module.name) that ``torch.load(weights_only=True)`` refused to build,
+    read from its error; empty when the error is anything else (a damaged or truncated file).
+    torch names a builtin without its module (``exec``): it is given as ``builtins.exec``."""
+    names = _REFUSED.findall(str(exc))
+    return list(dict.fromkeys(n if "." in n else f"builtins.{n}" for n in names))
 
 
 def foreign_globals(path: Path) -> list[str] | None:
-    """Python objects (module.name) a complete checkpoint names beyond torch's own; None when
-    its pickles cannot be parsed to their end (damaged or truncated)."""
+    """Python objects (module.name) a checkpoint holds that weights-only loading refuses; [] for
+    a checkpoint of tensors and plain values; None when it cannot be read (damaged or truncated).
+    Only ``torch.load(weights_only=True)`` touches the file: nothing in it is built or run."""
     try:
-        streams = _pickle_streams(path)
-        names = [n for data in streams for n in _named_globals(data)]
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError):
-        return None
-    if not streams:
-        return None
-    return [n for n in dict.fromkeys(names) if n.split(".")[0] not in SAFE_MODULES]
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every way the file can fail says the same here
+        return refused_globals(exc) or None
+    return []
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -112,13 +86,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zip errors...
-        if isinstance(exc, pickle.UnpicklingError):
-            names = foreign_globals(path)
-            if names:  # complete pickles that name Python objects: weights_only refused them
-                shown = f" ({', '.join(names[:3])})"
-                raise CheckpointError(f"{path}: refused as unsafe (it holds Python objects that would run code when loaded){shown}; "
-                                      f"nothing in it was run. Use only checkpoints written by autoliver; delete it, or retrain the fold") from None
-        if isinstance(exc, pickle.UnpicklingError):  # torch's message is about weights_only; the cause here is damage
+        names = refused_globals(exc)
+        if names:  # Python objects weights_only loading refused to build
+            shown = f" ({', '.join(names[:3])})"
+            raise CheckpointError(f"{path}: refused as unsafe (it holds Python objects that would run code when loaded){shown}; "
+                                  f"nothing in it was run. Use only checkpoints written by autoliver; delete it, or retrain the fold") from None
+        if "weights" in str(exc).lower() and "unpickler" in str(exc).lower():  # torch blames weights_only; the cause is damage
             reason = "its pickled data cannot be read to the end"
         else:
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

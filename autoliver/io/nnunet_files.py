@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -32,6 +31,7 @@ import torch
 
 from autoliver.core.errors import CheckpointError, MissingArtefactError, UsageError
 from autoliver.io.archive import ArchiveLimits, safe_extract
+from autoliver.io.checkpoint import refused_globals
 from autoliver.io.jsonfile import read_json as _read_json
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # noqa: BLE001 - refused as unsafe, else damaged (below)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-            raise UnsafeCheckpointError(f"{path}: refused as unsafe: it holds Python objects other than tensors and plain values, "
-                                        f"which could run code when loaded ({first}); nothing was executed. "
+        names = refused_globals(exc)
+        if names:
+            raise UnsafeCheckpointError(f"{path}: refused as unsafe: it holds Python objects other than tensors and plain values "
+                                        f"({', '.join(names[:3])}), which could run code when loaded; nothing was executed. "
                                         "Use a checkpoint saved by nnU-Net's own trainer, or re-save its network_weights alone") from None
-        raise CheckpointError(f"{path}: damaged checkpoint ({first}); copy it again from the training machine") from None
-    except Exception as exc:  # truncated zip, wrong format, ...
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({first}); copy it again from the training machine") from None
     if not isinstance(state, dict) or not isinstance(state.get("network_weights"), dict):
         raise CheckpointError(f"{path}: not an nnU-Net v2 checkpoint (no network_weights); point -m at the folder nnUNetv2_train wrote")
