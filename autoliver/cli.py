@@ -547,9 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default="nifti", help="<case>.nii.gz, or for DICOM series "
                    "inputs <case>.dcm, a DICOM Segmentation referring to the input series (liver and tumour segments), or both "
                    "(default: %(default)s)")
-    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto", help="how the networks run on a CPU; "
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default="torch", help="how the networks run on a CPU; "
                    "auto: OpenVINO, else ONNX Runtime when installed (pip install 'autoliver[fast-cpu]'), else torch; always torch on a GPU "
-                   "(default: %(default)s)")
+                   "(default: %(default)s, while the runtimes are opt-in)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="nnU-Net v2 models: the checkpoint file of each fold "
                    "(default: %(default)s, else checkpoint_best.pth)")
     p.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder that holds several (its SeriesInstanceUID)")

@@ -57,8 +57,8 @@ def weights_sha256(network: torch.nn.Module) -> str:
     """sha256 over the state dict: every entry's name, dtype, shape and values, in name order."""
     h = hashlib.sha256()
     for name, tensor in sorted(network.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # 0-dim entries (BatchNorm counters) too
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

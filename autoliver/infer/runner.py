@@ -62,7 +62,7 @@ class PredictOptions:
     precision: str = "auto"  # the models' precision (applied when they are loaded: api.predict)
     series_uid: str | None = None  # the DICOM series to read from a folder holding several
     output_format: str = "nifti"  # nifti | dicom-seg | both (DICOM-SEG: for DICOM series inputs)
-    engine: str = "auto"  # torch | onnxruntime | openvino | auto (autoliver.infer.engines; applied when the models are loaded)
+    engine: str = "torch"  # torch | onnxruntime | openvino | auto (autoliver.infer.engines; applied when the models are loaded)
 
 
 @dataclass
