@@ -247,7 +247,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         series_uid=args.series,
         output_format=args.output_format,
         engine=args.engine,
+        tiles=args.tiles,
+        tile_mb=args.tile_mb,
     )
+    if not options.tile_mb > 0:
+        raise UsageError(f"--tile-mb must be > 0, got {options.tile_mb}")
     if not 0 < options.step <= 1:
         raise UsageError(f"--step-size must be in (0, 1], got {options.step}")
     # a model package given as -m is installed once under the workspace's models/.cache/
@@ -542,7 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output exists again")
     p.add_argument("--shard", metavar="I/N", help="predict only the cases whose index in sorted order is I modulo N (job arrays)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--roi", action=argparse.BooleanOptionalAction, default=True, help="find the liver with a coarse pass first and run the accurate pass only around it (default: on)")
+    p.add_argument("--roi", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="find the liver with a coarse pass first and run the accurate pass only around it: on, off, or auto = "
+                        "where the coarse pass costs at most a quarter of the whole-volume pass, counted from the tiles (default: %(default)s)")
+    p.add_argument("--no-roi", dest="roi", action="store_const", const="off", help="the same as --roi off")
+    p.add_argument("--tiles", choices=["auto", "patch"], default="auto", help="3d inference tiles: auto = the fewest, largest tiles "
+                   "within --tile-mb (less overlap, less work), patch = the training patch at --step-size (default: %(default)s)")
+    p.add_argument("--tile-mb", type=float, default=512.0, metavar="MB", help="with --tiles auto: the largest tile's activation memory, "
+                   "estimated (default: %(default)s)")
     p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")
     p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default="nifti", help="<case>.nii.gz, or for DICOM series "
                    "inputs <case>.dcm, a DICOM Segmentation referring to the input series (liver and tumour segments), or both "

@@ -55,8 +55,9 @@ class FakeRuntime:
             raise ImportError("No module named 'onnxruntime'")
         return self._version
 
-    def export(self, network, example, folder: Path, opset: int) -> dict:
+    def export(self, network, example, folder: Path, opset: int, dynamic: bool = False) -> dict:
         self.exports += 1
+        self.dynamic = dynamic
         torch.save(network.state_dict(), folder / "weights.pt")
         if self.fail_export:
             raise RuntimeError("unsupported operator")
@@ -287,6 +288,32 @@ def test_static_batches_split_and_pad_to_the_exported_batch():
         run(torch.randn(2, 2, 4, 8))
 
 
+def test_dynamic_batches_take_any_spatial_size_but_not_other_channels():
+    def fn(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a.sum(axis=1, keepdims=True), 3, axis=1)
+
+    run = static_batches(fn, (1, 2, 4, 4, 4), dynamic=True)
+    x = torch.randn(3, 2, 8, 12, 4)
+    torch.testing.assert_close(run(x)[:, 0], x.sum(1))
+    with pytest.raises(ValueError, match="exported for inputs"):
+        run(torch.randn(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="exported for inputs"):
+        run(torch.randn(1, 2, 4, 4))
+
+
+def test_a_dynamic_export_is_its_own_cache_entry_and_runs_other_tile_sizes(tmp_path):
+    net, rt = tiny_net(), FakeRuntime()
+    ckpt = checkpoint(tmp_path, net)
+    static = factory(rt).build(net, SHAPE, ckpt)
+    dynamic = factory(rt).build(net, SHAPE, ckpt, dynamic=True)
+    assert rt.exports == 2 and rt.dynamic and static.entry != dynamic.entry
+    assert read_meta(dynamic.entry)["dynamic_spatial"] is True and "dynamic_spatial" not in read_meta(static.entry)
+    x = torch.randn(1, 1, 16, 24, 32)
+    torch.testing.assert_close(dynamic(x), torch_logits(net, x))
+    with pytest.raises(ValueError, match="exported for inputs"):
+        static(x)
+
+
 def test_the_sliding_window_gives_the_torch_result_through_an_engine(tmp_path):
     net, rt = tiny_net(dims=2), FakeRuntime()
     engine = factory(rt).build(net, (4, 1, 16, 16))
@@ -317,3 +344,16 @@ def test_real_runtime_agrees_with_torch_and_is_cached(runtime, tmp_path):
     assert meta["engine"] == runtime and meta["check_max_abs_diff"] < 1e-3
     again = EngineFactory(runtime, "cpu", threads=1).build(net, shape, ckpt)
     assert again.entry == engine.entry and read_meta(again.entry) == meta
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_real_runtime_exported_dynamic_agrees_with_torch_at_other_sizes(runtime, tmp_path):
+    pytest.importorskip(runtime)
+    net = tiny_net(3)
+    engine = EngineFactory(runtime, "cpu", threads=1).build(net, (1, 1, 16, 32, 32), checkpoint(tmp_path, net), dynamic=True)
+    assert engine.name == runtime, engine.fallback
+    for shape in [(1, 1, 16, 32, 32), (1, 1, 24, 40, 16)]:
+        x = torch.randn(shape)
+        ref, out = torch_logits(net, x), engine(x)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() < 1e-3 * max(1.0, (ref.max() - ref.min()).item())

@@ -17,11 +17,12 @@ from helpers import DATASET
 from autoliver.cli import main
 from autoliver.core.errors import StaleArtefactError
 from autoliver.infer.ensemble import Ensemble, load_ensemble
-from autoliver.infer.pipeline import ensemble_probabilities, predict_case
+from autoliver.infer.pipeline import ensemble_probabilities, predict_case, roi_decision
 from autoliver.infer.precision import cpu_flags, resolve_precision
 from autoliver.infer.predictor import FoldNetwork, load_model, predict_preprocessed, preprocess_for
-from autoliver.infer.roi import find_roi, liver_box
+from autoliver.infer.roi import coarse_factors, find_roi, grow_box, liver_box, roi_costs
 from autoliver.infer.runner import PredictOptions, predict_inputs
+from autoliver.infer.sliding_window import tile_starts
 from autoliver.infer.volume import one_hot_foreground, predict_volume
 from autoliver.io.images import read_image
 from autoliver.preprocess.resample import resample_probabilities
@@ -168,7 +169,9 @@ def test_roi_equals_whole_volume_inside_the_roi_and_covers_the_liver(ws, config)
     whole = ensemble_probabilities(unet, prepared, None, tta=False)
     assert torch.allclose(ensemble_probabilities(unet, prepared, small, tta=False), whole[inner], atol=1e-5)
     pred = predict_case(model, image, geom, tta=True, roi=True, save_probabilities=True)
-    assert pred.info["roi"]["found"] and pred.info["roi"]["box"] == [list(b) for b in box]
+    final = pred.info["roi"]["box"]  # the coarse pass's box, grown where the predicted liver touched it
+    assert pred.info["roi"]["found"] and all(a <= c and d <= b for (a, b), (c, d) in zip(final, box))
+    assert (final == [list(b) for b in box]) == (pred.info["roi"]["grown"] == 0)
     # the reference liver (mapped to the preprocessed grid) lies inside the box
     from autoliver.preprocess.case import preprocess_case
 
@@ -185,6 +188,79 @@ def test_no_liver_in_the_coarse_pass_predicts_the_whole_volume(ws, caplog):
         pred = predict_case(model, image, geom, tta=False, roi=True)
     assert pred.info["roi"]["found"] is False and pred.info["roi"]["fraction"] == 1.0
     assert "no liver" in caplog.text and not pred.seg.any()
+
+
+def test_auto_tiles_give_the_patch_tiles_result_for_a_per_voxel_network(ws):
+    model = voxel_model(ws)
+    image, geom = image_of(ws, 2)
+    by_patch = predict_case(model, image, geom, tta=True, roi="off", tiles="patch", save_probabilities=True)
+    small = predict_case(model, image, geom, tta=True, roi="off", tiles="auto", tile_mb=0.01, save_probabilities=True)
+    big = predict_case(model, image, geom, tta=True, roi="on", tiles="auto", save_probabilities=True)
+    assert by_patch.info["tiles"]["mode"] == "patch" and big.info["tiles"]["mode"] == "auto"
+    assert small.info["tiles"]["tile"] == list(model.configuration.patch_size)  # the budget floors at the patch
+    for other in (small, big):
+        assert np.array_equal(other.seg, by_patch.seg)
+    np.testing.assert_allclose(small.probabilities.astype(np.float32), by_patch.probabilities.astype(np.float32), atol=2e-3)
+
+
+def test_roi_auto_runs_the_coarse_pass_only_where_it_pays(ws):
+    model = voxel_model(ws)
+    patch = tuple(model.configuration.patch_size)
+    ens = Ensemble((model,))
+    one_tile = roi_decision(ens, patch, "fullres", tta=False, step=0.5)
+    assert not one_tile["pays"] and one_tile["coarse_to_whole"] == 1.0  # a coarse pass of one patch saves nothing
+    big = tuple(6 * p for p in patch)
+    coarse, whole = roi_costs(model, big, tta=False, step=0.5)
+    factors = coarse_factors(model.configuration.spacing)
+    expected = np.prod([len(range(0, -(-n // f), p)) if -(-n // f) > p else 1 for n, f, p in zip(big, factors, patch)])
+    assert coarse == expected * np.prod(patch) and whole == np.prod([len(tile_starts(n, p, 0.5)) for n, p in zip(big, patch)]) * np.prod(patch)
+    assert roi_decision(ens, big, "fullres", tta=False, step=0.5)["pays"]
+    assert roi_costs(model, big, tta=True, step=0.5)[1] == 8 * whole  # mirrored copies count
+    image, geom = image_of(ws)
+    pred = predict_case(model, image, geom, tta=False, roi="auto")
+    assert pred.info["roi"]["mode"] == "auto" and pred.info["roi"]["used"] == pred.info["roi"]["decision"]["pays"]
+
+
+def test_a_box_that_cuts_the_liver_grows_until_it_holds_it(ws, monkeypatch):
+    import autoliver.infer.pipeline as pipeline
+    from autoliver.infer.roi import Roi
+
+    model = voxel_model(ws)
+    image, geom = image_of(ws, 2)
+    whole = predict_case(model, image, geom, tta=False, roi="off")
+    ens = Ensemble((model,))
+    data = preprocess_for(ens, image, geom)["fullres"][0]
+    roi = find_roi(model, data, margin_mm=0.0)
+    (z0, z1), (y0, y1), (x0, x1) = roi.box
+    cut = ((z0, z1), (y0, y1), (x0 + (x1 - x0) // 2, x1))  # half of the liver left out
+    monkeypatch.setattr(pipeline, "find_roi", lambda *a, **k: Roi(cut, True, 0.1))
+    pred = predict_case(model, image, geom, tta=False, roi="on")
+    assert pred.info["roi"]["grown"] >= 1 and pred.info["roi"]["box"][2][0] < cut[2][0]
+    monkeypatch.setattr(pipeline, "MAX_GROW", 0)
+    kept = predict_case(model, image, geom, tta=False, roi="on")
+    assert kept.info["roi"]["grown"] == 0 and kept.info["roi"]["box"] == [list(b) for b in cut]
+    liver = lambda seg: np.isin(seg, (1, 2))  # noqa: E731
+    # the per-voxel network's labels inside any box are the whole volume's: growing recovers liver, adds nothing else
+    assert liver(kept.seg).sum() < liver(pred.seg).sum() <= liver(whole.seg).sum()
+    assert not (liver(pred.seg) & ~liver(whole.seg)).any()
+
+
+def test_grow_box_moves_only_the_sides_the_liver_touches_inside_the_volume():
+    labels = np.zeros((10, 12, 14), np.uint8)
+    labels[0, 5, 5] = 1  # touches the low z side
+    labels[4, 5, -1] = 2  # tumour touches the high x side
+    box = ((0, 10), (20, 32), (30, 44))
+    grown = grow_box(box, labels, (40, 60, 60), (2.0, 1.0, 1.0), margin_mm=5.0)
+    assert grown == ((0, 10), (20, 32), (30, 54))  # z already at the volume's border; x moved by 2 x 5 mm
+    assert grow_box(box, np.zeros_like(labels), (40, 60, 60), (2.0, 1.0, 1.0)) == box
+
+
+def test_coarse_pass_pools_the_volume_but_the_box_is_in_the_full_grid():
+    labels = np.zeros((10, 15, 15), np.uint8)  # a coarse grid pooled by 2 from (20, 30, 30)
+    labels[3:6, 4:8, 5:9] = 1
+    box = liver_box(labels, np.arange(10) * 2, (20, 30, 30), (3.0, 3.0, 3.0), margin_mm=0.0, inplane=(2, 2))
+    assert box[1] == (8, 16) and box[2] == (10, 18)
+    assert box[0][0] <= 6 and box[0][1] >= 11
 
 
 def test_liver_box_takes_the_largest_component_with_margin_and_sampled_slices():
@@ -233,3 +309,20 @@ def test_prefetch_prepares_the_next_case_while_the_network_runs(ws, tmp_path):
         assert rep["events"]["input_ready"] == pytest.approx(ev[case]["input_ready"])
         assert rep["runtime_s"]["wait_input_s"] == pytest.approx(t["wait_input_s"], abs=1e-3)
     assert set(summary.stage_totals()) >= {"wait_input_s", "network_s", "export_s"}
+
+
+def test_cli_roi_and_tile_options_reach_the_report(ws, tmp_path):
+    src = sorted((ws.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[0]
+    case = src.name.replace("_0000.nii.gz", "")
+    base = ["predict", "-i", str(src), "-d", DATASET, "--workspace", str(ws.root), "-c", "3d_fullres", "--no-tta", *FAST]
+    assert main([*base, "-o", str(tmp_path / "a"), "--roi", "--tiles", "patch"]) == 0
+    rep = json.loads((tmp_path / "a" / f"{case}.json").read_text())
+    assert rep["roi"]["mode"] == "on" and rep["roi"]["used"] and rep["tiles"]["mode"] == "patch"
+    assert main([*base, "-o", str(tmp_path / "b"), "--tile-mb", "64"]) == 0
+    rep = json.loads((tmp_path / "b" / f"{case}.json").read_text())
+    assert rep["roi"]["mode"] == "auto" and "coarse_to_whole" in rep["roi"]["decision"]
+    assert rep["tiles"]["mode"] == "auto" and rep["tiles"]["tile_mb"] == 64.0
+    assert main([*base, "-o", str(tmp_path / "c"), "--no-roi"]) == 0
+    assert json.loads((tmp_path / "c" / f"{case}.json").read_text())["roi"] is None
+    assert main([*base, "-o", str(tmp_path / "d"), "--tile-mb", "0"]) == 2
+    assert not (tmp_path / "d" / f"{case}.nii.gz").exists()

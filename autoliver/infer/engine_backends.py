@@ -1,14 +1,15 @@
 """The CPU runtimes an exported network runs on: ONNX Runtime and OpenVINO.
 
 A runtime has a ``name``, ``version()`` (ImportError when it is not installed), ``export(network,
-example, folder, opset)`` (writes its files into ``folder``, returns facts for engine.json)
+example, folder, opset[, dynamic=True])`` (writes its files into ``folder``, returns facts for
+engine.json; ``dynamic``: the spatial axes of any size, not only the example's)
 and ``load(folder, threads, precision)`` -> a function from a float32 array (N, C, *patch) to
 the logits array (N, n_classes, *patch), a fresh array per call.
 
 Both start from one ONNX export (``export_onnx``: torch's TorchScript-based exporter, which
 gives ONNX Runtime a faster graph than the dynamo exporter for these networks; the dynamo
-exporter is the fallback). Shapes are static: the patch is fixed by the plan and the batch by
-the caller. OpenVINO converts the ONNX file to its IR (``model.xml`` + ``model.bin``, weights
+exporter is the fallback). Batch and channels are static; the spatial axes are the example's
+or, exported ``dynamic``, any size (3d inference tiles follow the volume: ``throughput_tiling``). OpenVINO converts the ONNX file to its IR (``model.xml`` + ``model.bin``, weights
 kept float32) and compiles it for the CPU with an explicit precision hint (it would otherwise
 pick bfloat16 by itself on CPUs with AMX).
 """
@@ -37,7 +38,7 @@ class Runtime(Protocol):
 
     def version(self) -> str: ...
 
-    def export(self, network: torch.nn.Module, example: torch.Tensor, folder: Path, opset: int) -> dict: ...
+    def export(self, network: torch.nn.Module, example: torch.Tensor, folder: Path, opset: int, dynamic: bool = False) -> dict: ...
 
     def load(self, folder: Path, threads: int, precision: str) -> ArrayFn: ...
 
@@ -64,17 +65,20 @@ def _eval_mode(network: torch.nn.Module):
         network.train(was_training)
 
 
-def export_onnx(network: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> str:
-    """Export ``network`` (evaluated on ``example``'s static shape) to ``path``; returns the
-    exporter used ("torchscript", else "dynamo")."""
+def export_onnx(network: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic: bool = False) -> str:
+    """Export ``network`` (evaluated on ``example``'s shape; ``dynamic``: its spatial axes of
+    any size) to ``path``; returns the exporter used ("torchscript", else "dynamo")."""
     wrapped = _FirstOutput(network)
+    axes = {i: f"s{i}" for i in range(2, example.ndim)} if dynamic else None
+    dynamic_axes = {"x": axes, "logits": axes} if axes else None
     errors = []
     for exporter in ("torchscript", "dynamo"):
         try:
             with _eval_mode(network), torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapped, (example.detach().clone(),), str(path), dynamo=exporter == "dynamo", opset_version=opset,
-                                  input_names=["x"], output_names=["logits"], do_constant_folding=True, external_data=False)
+                                  input_names=["x"], output_names=["logits"], do_constant_folding=True, external_data=False,
+                                  dynamic_axes=dynamic_axes)
             return exporter
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other one, then fall back to torch
             errors.append(f"{exporter}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
@@ -94,8 +98,8 @@ class OnnxRuntime:
 
         return str(onnxruntime.__version__)
 
-    def export(self, network: torch.nn.Module, example: torch.Tensor, folder: Path, opset: int) -> dict:
-        return {"exporter": export_onnx(network, example, folder / ONNX_FILE, opset), "files": [ONNX_FILE]}
+    def export(self, network: torch.nn.Module, example: torch.Tensor, folder: Path, opset: int, dynamic: bool = False) -> dict:
+        return {"exporter": export_onnx(network, example, folder / ONNX_FILE, opset, dynamic), "files": [ONNX_FILE]}
 
     def load(self, folder: Path, threads: int, precision: str) -> ArrayFn:
         import onnxruntime as ort
@@ -135,11 +139,11 @@ class OpenVino:
 
         return str(openvino.__version__).split("-")[0]
 
-    def export(self, network: torch.nn.Module, example: torch.Tensor, folder: Path, opset: int) -> dict:
+    def export(self, network: torch.nn.Module, example: torch.Tensor, folder: Path, opset: int, dynamic: bool = False) -> dict:
         import openvino as ov
 
         onnx_path = folder / ONNX_FILE
-        exporter = export_onnx(network, example, onnx_path, opset)
+        exporter = export_onnx(network, example, onnx_path, opset, dynamic)
         ov.save_model(ov.convert_model(str(onnx_path)), str(folder / IR_FILES[0]), compress_to_fp16=False)
         onnx_path.unlink()
         return {"exporter": exporter, "files": list(IR_FILES)}

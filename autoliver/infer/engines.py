@@ -8,8 +8,9 @@
 * ``onnxruntime`` / ``openvino``: the network exported once to ONNX (OpenVINO: to its IR),
   cached next to the weights (``<fold_dir>/.engine_cache/<key>/``, see
   ``autoliver.infer.engine_cache``; a private temporary folder when there is no checkpoint or
-  the fold folder is read-only), run on the CPU with torch's thread count. Shapes are static:
-  calls with another batch size are split into, or zero-padded up to, the exported batch;
+  the fold folder is read-only), run on the CPU with torch's thread count. The batch is static
+  (calls with another batch size are split into, or zero-padded up to, the exported batch); the
+  spatial axes too, unless exported ``dynamic`` (3d networks: their inference tiles follow the volume);
 * ``auto``: torch on a GPU; on a CPU the first installed of ``AUTO_ORDER`` (OpenVINO, then
   ONNX Runtime), else torch. Measured at 2 threads on an AVX-512 CPU (benchmarks/cpu_engines.py):
   per 3D patch OpenVINO 1.4-1.5x torch float32 on a quiet machine (2.3-3.9x under the load of
@@ -95,15 +96,17 @@ def engine_input_shape(config, n_classes: int = 3, batch: int | None = None) -> 
     return (int(n), channels, *(int(p) for p in config.patch_size))
 
 
-def static_batches(fn: ArrayFn, input_shape: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn`` (a static-shape array function) as a tile predictor for any batch size: the batch
-    is cut into runs of the exported size, the last one zero-padded; the padding's outputs are dropped."""
+def static_batches(fn: ArrayFn, input_shape: Sequence[int], dynamic: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (a static-batch array function) as a tile predictor for any batch size: the batch
+    is cut into runs of the exported size, the last one zero-padded; the padding's outputs are
+    dropped. ``dynamic``: any spatial size (else the exported one)."""
     shape = tuple(int(v) for v in input_shape)
     size = shape[0]
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != shape[1:]:
-            raise ValueError(f"engine exported for inputs (N, {', '.join(map(str, shape[1:]))}), got {tuple(x.shape)}")
+        fixed = shape[1:2] if dynamic else shape[1:]
+        if tuple(x.shape[1 : 1 + len(fixed)]) != fixed or x.ndim != len(shape):
+            raise ValueError(f"engine exported for inputs (N, {', '.join(map(str, fixed))}{', ...' if dynamic else ''}), got {tuple(x.shape)}")
         device = x.device
         a = x.detach().to("cpu", torch.float32).contiguous().numpy()
         outs = []
@@ -111,9 +114,9 @@ def static_batches(fn: ArrayFn, input_shape: Sequence[int]) -> Callable[[torch.T
             part = a[i : i + size]
             n = part.shape[0]
             if n < size:
-                part = np.concatenate([part, np.zeros((size - n, *shape[1:]), np.float32)])
+                part = np.concatenate([part, np.zeros((size - n, *part.shape[1:]), np.float32)])
             out = fn(np.ascontiguousarray(part))
-            if out.shape[0] != size or tuple(out.shape[2:]) != shape[2:]:
+            if out.shape[0] != size or tuple(out.shape[2:]) != tuple(part.shape[2:]):
                 raise RuntimeError(f"engine returned shape {tuple(out.shape)} for input {part.shape}")
             outs.append(out[:n])
         result = torch.from_numpy(outs[0] if len(outs) == 1 else np.concatenate(outs))
@@ -165,9 +168,10 @@ class EngineFactory:
         return Engine("torch", self.requested, tuple(input_shape), run, fallback=fallback)
 
     def build(self, network: torch.nn.Module, input_shape: Sequence[int], checkpoint: str | os.PathLike | None = None,
-              cache_dir: str | os.PathLike | None = None) -> Engine:
-        """The engine for ``network`` fed (N, C, *patch) = ``input_shape``; its export is cached in
-        ``cache_dir`` (default: next to ``checkpoint``; none: a folder kept for this factory's life)."""
+              cache_dir: str | os.PathLike | None = None, dynamic: bool = False) -> Engine:
+        """The engine for ``network`` fed (N, C, *patch) = ``input_shape`` (``dynamic``: any spatial
+        size; the export is checked at ``input_shape``); its export is cached in ``cache_dir``
+        (default: next to ``checkpoint``; none: a folder kept for this factory's life)."""
         shape = tuple(int(v) for v in input_shape)
         if len(shape) not in (4, 5) or min(shape) < 1:
             raise UsageError(f"input_shape must be (N, C, *patch) with a 2D or 3D patch, got {shape}")
@@ -179,12 +183,14 @@ class EngineFactory:
         except ImportError as exc:
             return self._fall_back(network, shape, f"{self.name} is not installed ({exc}); {INSTALL_HINT}", key=f"missing:{self.name}")
         fields = key_fields(network, shape, self.opset, self.name, version, checkpoint)
+        if dynamic:
+            fields["dynamic_spatial"] = True
         try:
-            entry, fn = self._load_or_export(network, runtime, shape, fields, cache_dir, checkpoint)
+            entry, fn = self._load_or_export(network, runtime, shape, fields, cache_dir, checkpoint, dynamic)
         except Exception as exc:  # noqa: BLE001 - any failure of an optional runtime: torch instead
             reason = f"{self.name} engine failed ({type(exc).__name__}: {exc}); predicting with torch"
             return self._fall_back(network, shape, reason, key=f"failed:{self.name}:{type(exc).__name__}")
-        return Engine(self.name, self.requested, shape, static_batches(fn, shape), entry=entry)
+        return Engine(self.name, self.requested, shape, static_batches(fn, shape, dynamic), entry=entry)
 
     def _fall_back(self, network: torch.nn.Module, shape: tuple[int, ...], reason: str, key: str) -> Engine:
         if key not in self._warned:
@@ -204,13 +210,14 @@ class EngineFactory:
             self._scratch = tempfile.TemporaryDirectory(prefix="autoliver-engines-")
         return Path(self._scratch.name)
 
-    def _load_or_export(self, network, runtime: Runtime, shape, fields: dict, cache_dir, checkpoint) -> tuple[Path, ArrayFn]:
+    def _load_or_export(self, network, runtime: Runtime, shape, fields: dict, cache_dir, checkpoint,
+                        dynamic: bool = False) -> tuple[Path, ArrayFn]:
         key = engine_key(fields)
         folder = self._cache_dir(cache_dir, checkpoint)
 
         def export(tmp: Path) -> dict:
             example = torch.randn(shape, generator=torch.Generator().manual_seed(CHECK_SEED))
-            facts = runtime.export(network, example, tmp, self.opset)
+            facts = runtime.export(network, example, tmp, self.opset, **({"dynamic": True} if dynamic else {}))
             return {**facts, **check_export(network, runtime.load(tmp, self.threads, "fp32"), shape, self.tolerance)}
 
         try:

@@ -29,7 +29,7 @@ from autoliver.core.errors import CheckpointError, MissingArtefactError, PlanErr
 from autoliver.core.layout import CHECKPOINTS, FoldPaths, ModelPaths, fold_name, fold_of
 from autoliver.infer.engines import EngineFactory, engine_input_shape
 from autoliver.infer.precision import autocast_dtype, resolve_precision
-from autoliver.infer.sliding_window import argmax_labels, tile_starts
+from autoliver.infer.sliding_window import argmax_labels, throughput_tiling, tile_starts
 from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.checkpoint import load_checkpoint
 from autoliver.io.images import Geometry
@@ -42,6 +42,9 @@ from planning.plans import Configuration, Plans
 log = logging.getLogger(__name__)
 
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)) in a preprocessed grid
+TILES = ("auto", "patch")
+TILE_MB = 512.0
+BYTES_PER_VOXEL_FEATURE = 26.5
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Model:
     autocast: torch.dtype | None = None  # network precision (None: float32)
     previous: "Model | None" = None  # cascade: the stage whose prediction is extra input
     liver: "Model | None" = None  # a two-stage design's tumour stage: the stage that finds the liver
+    tiles: str = "patch"  # 3d inference tiles: "patch" (the training patch) or "auto" (``throughput_tiling``)
+    tile_mb: float = TILE_MB  # "auto": the largest tile's activations, estimated (``tile_voxels``)
 
     @property
     def fold_names(self) -> tuple[str, ...]:
@@ -86,6 +91,30 @@ class Model:
             if stage is not None:
                 own = tuple(dict.fromkeys(stage.data_identifiers + own))
         return own
+
+
+def network_divisor(config: Configuration) -> tuple[int, ...]:
+    """Per spatial axis, the product of the network's strides: input sizes must be multiples of it."""
+    out = [1] * len(config.patch_size)
+    for stride in config.strides:
+        out = [o * int(v) for o, v in zip(out, stride)]
+    return tuple(out)
+
+
+def tile_voxels(config: Configuration, tile_mb: float) -> int:
+    """The most voxels an inference tile may have for about ``tile_mb`` MiB of activations
+    (measured: ~26.5 bytes per voxel and first-stage feature in float32 with torch), and never
+    fewer than the training patch's."""
+    per_voxel = BYTES_PER_VOXEL_FEATURE * int(config.features_per_stage[0])
+    return max(int(np.prod(config.patch_size)), int(tile_mb * 2**20 / per_voxel))
+
+
+def inference_tiling(model: "Model", shape: Sequence[int], step: float) -> tuple[tuple[int, ...], list[list[int]]] | None:
+    """(tile, starts) of a 3d model with ``tiles="auto"`` for a volume of ``shape``; None: the patch-sized window."""
+    config = model.configuration
+    if model.tiles != "auto" or config.network_dims != 3:
+        return None
+    return throughput_tiling(shape, config.patch_size, network_divisor(config), tile_voxels(config, model.tile_mb), step)
 
 
 def find_plans(model_dir: Path) -> Path:
@@ -182,7 +211,8 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
         network.eval().to(device)
         runner = None
         if factory is not None and factory.name != "torch":
-            runner = factory.build(network, engine_input_shape(plans.configurations[name], n_classes), checkpoint=path)
+            runner = factory.build(network, engine_input_shape(plans.configurations[name], n_classes), checkpoint=path,
+                                   dynamic=plans.configurations[name].network_dims == 3)  # 3d tiles follow the volume
         networks.append(FoldNetwork(fold, path, int(state["epoch"]), network, runner if runner is not None and runner.name != "torch" else None))
         log.info("loaded %s (epoch %d)", path, int(state["epoch"]))
     config = plans.configurations[name]
@@ -227,8 +257,13 @@ def _fold_probabilities(model: Model, fold: FoldNetwork, data: np.ndarray, tta: 
     predictor = fold_predictor(model, fold)
     if tta:
         predictor = mirrored(predictor, tta_axes(model.configuration))
+    tile = None
+    if starts is None:
+        tiling = inference_tiling(model, data.shape, step)
+        if tiling is not None:
+            tile, starts = tiling
     return predict_volume(predictor, data, model.configuration, model.n_classes, model.device, step, prev_seg=prev_seg,
-                          pad_value=model.pad_value, starts=starts)
+                          pad_value=model.pad_value, starts=starts, tile=tile)
 
 
 def aligned_tiling(shape: Sequence[int], box: Box, config: Configuration, step: float) -> tuple[Box, list[list[int]]]:
@@ -298,7 +333,10 @@ def model_probabilities(model: Model, prepared: dict[str, tuple[np.ndarray, dict
     data = prepared[model.configuration.data_identifier][0]
     if model.liver is not None:
         return _two_stage_probabilities(model, prepared, box, tta, step)
-    region, starts = (None, None) if box is None else aligned_tiling(data.shape, box, model.configuration, step)
+    if box is None or inference_tiling(model, data.shape, step) is not None:  # "auto" tiles: the box tiled on its own
+        region, starts = box, None
+    else:
+        region, starts = aligned_tiling(data.shape, box, model.configuration, step)
     prev_seg = None
     if model.previous is not None:
         if prev_labels is None:

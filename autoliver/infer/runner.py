@@ -35,8 +35,8 @@ from autoliver.core.errors import UsageError
 from autoliver.evaluate.case_report import case_report
 from autoliver.infer.ensemble import Ensemble
 from autoliver.infer.nnunet_model import NnunetModel, predict_nnunet_case, prepare_case
-from autoliver.infer.pipeline import ROI_DEFAULT, as_ensemble, predict_case
-from autoliver.infer.predictor import Model, preprocess_for
+from autoliver.infer.pipeline import ROI_DEFAULT, TILES_DEFAULT, as_ensemble, predict_case, roi_mode
+from autoliver.infer.predictor import TILE_MB, Model, preprocess_for
 from autoliver.infer.roi import MARGIN_MM
 from autoliver.io.atomic import atomic_path, check_writable, remove_stale_temporaries, write_json
 from autoliver.io.images import dicom_series_files, write_image
@@ -57,12 +57,14 @@ class PredictOptions:
     progress: bool = True
     shard: tuple[int, int] | None = None  # (index, count)
     prefetch: bool = True
-    roi: bool = ROI_DEFAULT  # ROI-first inference (autoliver.infer.roi)
+    roi: bool | str = ROI_DEFAULT  # ROI-first inference: auto, on, off (autoliver.infer.roi)
     roi_margin_mm: float = MARGIN_MM
     precision: str = "auto"  # the models' precision (applied when they are loaded: api.predict)
     series_uid: str | None = None  # the DICOM series to read from a folder holding several
     output_format: str = "nifti"  # nifti | dicom-seg | both (DICOM-SEG: for DICOM series inputs)
     engine: str = "torch"  # torch | onnxruntime | openvino | auto (autoliver.infer.engines; applied when the models are loaded)
+    tiles: str = TILES_DEFAULT  # 3d inference tiles: auto | patch (autoliver.infer.predictor.throughput_tiling)
+    tile_mb: float = TILE_MB  # "auto" tiles: the largest tile's activations in MiB
 
 
 @dataclass
@@ -136,7 +138,8 @@ def _finish(model: Ensemble | NnunetModel, case: InputCase, loaded, output: Path
                                      save_probabilities=options.save_probabilities)
     else:
         result = predict_case(model, None, geometry, tta=options.tta, step=options.step, save_probabilities=options.save_probabilities,
-                              prepared=prepared, roi=options.roi, roi_margin_mm=options.roi_margin_mm)
+                              prepared=prepared, roi=options.roi, roi_margin_mm=options.roi_margin_mm, tiles=options.tiles,
+                              tile_mb=options.tile_mb)
     t0 = time.perf_counter()
     timings = {"read_s": t_read, "preprocess_s": t_pre, "wait_input_s": wait_s, **result.timings}
     if result.probabilities is not None:
@@ -148,7 +151,7 @@ def _finish(model: Ensemble | NnunetModel, case: InputCase, loaded, output: Path
                          version=__version__, timings={**timings, "report_s": 0.0},
                          extra={"case": case.case_id, "input": str(case.path), "tta": options.tta, "step": options.step,
                                 "arch": "+".join(dict.fromkeys(result.info["arch"].values())), "models": result.info,
-                                "roi": result.info["roi"], "precision": result.info["precision"],
+                                "roi": result.info["roi"], "tiles": result.info.get("tiles"), "precision": result.info["precision"],
                                 "postprocessing": [s["name"] for s in result.info["postprocessing"]]})
     t2 = time.perf_counter()
     timings["report_s"] = t2 - t1
@@ -186,7 +189,7 @@ def predict_inputs(model: Model | Ensemble | NnunetModel, source: str | Path, ou
     if summary.skipped:
         log.info("%d case(s) already predicted in %s (use --overwrite to redo them)", len(summary.skipped), output)
     log.info("predicting %d case(s) with %s on %s (ROI %s)", len(todo), ", ".join(f"{c} folds {'/'.join(f)}" for c, f in model.folds.items()),
-             model.device, "on" if options.roi and not isinstance(model, NnunetModel) else "off")
+             model.device, "off" if isinstance(model, NnunetModel) else roi_mode(options.roi))
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not options.progress)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoliver-prefetch") if options.prefetch else None
     try:

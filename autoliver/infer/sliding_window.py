@@ -73,6 +73,63 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
 
 
+def _round_up(n: int, divisor: int) -> int:
+    return -(-int(n) // int(divisor)) * int(divisor)
+
+
+def throughput_tiling(shape: Sequence[int], patch: Sequence[int], divisor: Sequence[int], max_voxels: int,
+                      step: float = 0.5) -> tuple[tuple[int, ...], list[list[int]]]:
+    """The tiling over a volume of ``shape`` that computes the fewest voxels, for a fully
+    convolutional network trained on ``patch``: (tile, starts per axis).
+
+    With k tiles along an axis of s voxels, neighbours overlap by at least (1 - ``step``) x
+    patch (so every voxel lies that half-overlap inside some tile, as with the patch-sized
+    window) and the tile is rounded up to ``divisor`` (the network's total stride); a tile is
+    never smaller than the patch unless the axis itself is (then the axis rounded up). Of the
+    tile counts whose tile has at most ``max_voxels`` (the patch when none has), the one with
+    the fewest computed voxels (tiles x tile voxels) wins, then the fewest tiles.
+    """
+    dims = len(shape)
+    if not (len(patch) == len(divisor) == dims):
+        raise ValueError(f"shape {tuple(shape)}, patch {tuple(patch)} and divisor {tuple(divisor)} must have the same axes")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    if min(shape) < 1 or min(patch) < 1 or min(divisor) < 1:
+        raise ValueError(f"shape, patch and divisor must be positive, got {tuple(shape)}, {tuple(patch)}, {tuple(divisor)}")
+
+    def options(axis: int) -> list[tuple[int, int]]:
+        """(count, tile) along one axis, from one tile until the tile reaches the patch."""
+        s, d = int(shape[axis]), int(divisor[axis])
+        p = _round_up(patch[axis], d)
+        floor = min(p, _round_up(s, d))
+        overlap = int(round((1 - step) * patch[axis]))
+        out, k = [], 1
+        while True:
+            t = max(floor, _round_up(math.ceil((s + (k - 1) * overlap) / k), d))
+            if not out or t < out[-1][1]:
+                out.append((k, t))
+            if t <= floor:
+                return out
+            k += 1
+
+    best = None
+    for combo in itertools.product(*(options(a) for a in range(dims))):
+        tile = [t for _, t in combo]
+        voxels = math.prod(tile)
+        count = math.prod(k for k, _ in combo)
+        fits = voxels <= max_voxels
+        rank = (not fits, count * voxels if fits else voxels, count)
+        if best is None or rank < best[0]:
+            best = (rank, combo)
+    combo = best[1]
+    tile = tuple(t for _, t in combo)
+    starts = []
+    for a, (k, t) in enumerate(combo):
+        span = int(shape[a]) - t
+        starts.append([0] if span <= 0 or k == 1 else sorted({int(round(v)) for v in np.linspace(0, span, k)}))
+    return tile, starts
+
+
 def gaussian_axes(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> list[torch.Tensor]:
     """One float64 Gaussian per axis (peak 1); their outer product is ``gaussian_weights``."""
     axes = []

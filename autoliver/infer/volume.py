@@ -33,16 +33,17 @@ def make_predictor(model: torch.nn.Module, device: torch.device, autocast_dtype:
 
 def predict_volume(predictor: Callable, data: np.ndarray, config: Configuration, n_classes: int, device: torch.device,
                    step: float = 0.5, prev_seg: np.ndarray | None = None, pad_value: float = 0.0,
-                   starts: list[list[int]] | None = None) -> torch.Tensor:
+                   starts: list[list[int]] | None = None, tile: tuple[int, ...] | None = None) -> torch.Tensor:
     """Softmax probabilities (n_classes, Z, Y, X) float32 of one preprocessed (Z, Y, X) volume.
 
     ``prev_seg`` (Z, Y, X) uint8: a previous stage's labels, given as one-hot channels (cascade).
     The only full-size arrays are the float32 image and the logits, turned into probabilities
-    in place. ``starts``: tile starts per network axis (the sliding window's default otherwise).
+    in place. ``starts``: tile starts per network axis (the sliding window's default otherwise);
+    ``tile``: the tile size when it is not the training patch (a fully convolutional network).
     """
     image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
     extra = None if prev_seg is None else torch.from_numpy(one_hot_foreground(prev_seg, n_classes))
-    window = Window(config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pad_value, starts=starts)
+    window = Window(tile or config.patch_size, step=step, n_classes=n_classes, device=device, pad_value=pad_value, starts=starts)
     with torch.inference_mode():
         if config.network_dims == 2:
             logits = predict_slicewise(predictor, image, window, in_slices=config.in_slices, extra=extra)

@@ -129,15 +129,22 @@ def fit_epoch(iters: int, val_iters: int, s_per_iter: float, training_s: float, 
     return max(1, int(iters * factor)), max(1, int(val_iters * factor)) if val_iters else 0
 
 
-def train_budget(preprocessed: str, dataset: str, configuration: str, patch: list[int], batch: int, minutes: float,
+def train_budget(preprocessed: str, dataset: str, configuration: str, patch: list[int] | None, batch: int | None, minutes: float,
                  plans_in: str = "nnUNetPlans", plans_out: str = "nnUNetPlansBench", fold: str = "all", reserve: float = 0.1,
                  min_epochs: int = 10, threads: int = 2) -> dict:
+    """``patch`` None: nnU-Net's own plan of ``configuration`` unchanged (saved as ``plans_out``)."""
     import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
     base = Path(preprocessed) / dataset
-    forced = force_patch_and_batch(load_json(str(base / f"{plans_in}.json")), configuration, patch, batch)
+    plans = load_json(str(base / f"{plans_in}.json"))
+    if patch is None:
+        forced = deepcopy(plans)
+        own = plans["configurations"][configuration]
+        patch, batch = list(own["patch_size"]), int(own["batch_size"])
+    else:
+        forced = force_patch_and_batch(plans, configuration, patch, batch)
     forced["plans_name"] = plans_out
     save_json(forced, str(base / f"{plans_out}.json"), sort_keys=False)
     t0 = time.perf_counter()
