@@ -225,6 +225,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+ENGINE_ENV = "AUTOLIVER_ENGINE"
+
+
+def default_engine(environ=os.environ) -> str:
+    """``predict``'s engine without --engine: $AUTOLIVER_ENGINE when set (a site's choice), else auto."""
+    from autoliver.infer.engines import ENGINES
+
+    name = environ.get(ENGINE_ENV, "").strip() or "auto"
+    if name not in ENGINES:
+        raise UsageError(f"${ENGINE_ENV}={name!r} is not an engine; set it to one of {', '.join(ENGINES)} or unset it")
+    return name
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from autoliver import api
     from autoliver.infer.runner import PredictOptions
@@ -246,7 +259,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         series_uid=args.series,
         output_format=args.output_format,
-        engine=args.engine,
+        engine=args.engine or default_engine(),
         tiles=args.tiles,
         tile_mb=args.tile_mb,
     )
@@ -431,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--workspace", default=None, help=WORKSPACE_HELP + " (also accepted after the command)")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the per-case work of validate, fingerprinting, preprocessing, evaluate and "
-                        "report on a Dask cluster: a scheduler's address (tcp://host:8786; the workers must see the same files), "
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the per-case work of validate, fingerprinting, preprocessing, "
+                        "cross-validation prediction (train's end-of-fold validation), evaluate and report on a Dask cluster: a scheduler's address (tcp://host:8786; the workers must see the same files), "
                         "or local:N for N worker processes here (needs dask[distributed])")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -558,9 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default="nifti", help="<case>.nii.gz, or for DICOM series "
                    "inputs <case>.dcm, a DICOM Segmentation referring to the input series (liver and tumour segments), or both "
                    "(default: %(default)s)")
-    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default="torch", help="how the networks run on a CPU; "
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default=None, help="how the networks run on a CPU; "
                    "auto: OpenVINO, else ONNX Runtime when installed (pip install 'autoliver[fast-cpu]'), else torch; always torch on a GPU "
-                   "(default: %(default)s, while the runtimes are opt-in)")
+                   f"(default: ${ENGINE_ENV} when set, else auto)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="nnU-Net v2 models: the checkpoint file of each fold "
                    "(default: %(default)s, else checkpoint_best.pth)")
     p.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder that holds several (its SeriesInstanceUID)")

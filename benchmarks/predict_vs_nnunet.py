@@ -87,6 +87,9 @@ def run(ctx) -> dict:
     models, training = train_models(ctx, venv, tools)
     rows = [r for r in compare({t: _training_metrics(training[t]) for t in tools}, no_ratio=("patch", "batch", "epochs", "iterations", "training (s)"), setting="training")]
     runs: dict = {}
+    warm = warm_up(ctx, test, test_cases, models["autoliver"]) if "autoliver" in tools else None
+    if warm:
+        rows.append({"setting": "autoliver", "metric": "first run on one case, untimed: engine export and cache (s)", "autoliver": warm["wall_s"]})
     for tta in {"both": (False, True), "on": (True,), "off": (False,)}[ctx.pick(a.tta, "off")]:  # off first: the shorter runs
         key = f"TTA {'on' if tta else 'off'}"
         runs[key] = {t: (cached_nnunet_prediction if t == "nnunet" else predict)(ctx, t, tta, test, test_cases, models[t], venv) for t in tools}
@@ -246,6 +249,18 @@ def score(pred_dir: Path, labels: Path, test_cases: list[str]) -> dict:
         out[case] = case_dice(pred.astype(np.uint8), ref.astype(np.uint8)) if pred.shape == ref.shape else \
             {"liver": None, "tumour": None, "error": f"shape {pred.shape} != reference {ref.shape}"}
     return out
+
+
+def warm_up(ctx, test: Path, test_cases: list[str], model: Path) -> dict:
+    """One untimed `autoliver predict` of the first test case, so that the measured runs find the
+    engine's export cached next to the weights (it is made once per model, as for a user)."""
+    a = ctx.args
+    out_dir = ctx.path("predictions", "autoliver_warm_up", fresh=True)
+    case = next(p for p in sorted((test / "images").iterdir()) if p.name.startswith(test_cases[0] + "_0000"))
+    argv = ["predict", "-m", str(model), "-c", a.configuration, "-f", FOLD, "-i", str(case), "-o", str(out_dir), "--device", "cpu",
+            "--threads", str(ctx.threads), "--no-tta", "--no-progress", *shlex.split(a.autoliver_args)]
+    return measure.run_child("autoliver.cli:main", argv=argv, threads=ctx.threads, log_path=ctx.workdir / "predict_warm_up.log",
+                             poll_s=0, timeout_s=ctx.timeout)
 
 
 def predict(ctx, tool: str, tta: bool, test: Path, test_cases: list[str], model: Path, venv) -> dict:

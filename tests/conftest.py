@@ -21,6 +21,8 @@ snapshot taken when it was built.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import FakeClock, copy_workspace, snapshot, torch_threads, write_random_models
 
@@ -33,6 +35,9 @@ MARKERS = (
 def pytest_configure(config):
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    # `autoliver predict` run in the test process uses torch unless a test asks for --engine: an
+    # installed CPU runtime is never loaded into the long-lived pytest process by a default
+    os.environ.setdefault("AUTOLIVER_ENGINE", "torch")
 
 
 @pytest.fixture(scope="session")

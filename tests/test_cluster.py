@@ -83,3 +83,31 @@ def test_preprocessing_on_the_cluster_equals_the_local_run(tiny_ws, tmp_path):
 def test_a_malformed_local_address_is_a_usage_error():
     with pytest.raises(UsageError, match="local:N"), cluster("local:x"):
         pass
+
+
+def test_cross_validation_prediction_on_the_cluster_equals_the_local_run(tiny_ws, caplog):
+    import json
+
+    import numpy as np
+    from helpers import train_cli
+
+    fast = ["--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1"]
+    assert train_cli(tiny_ws, "3d_fullres", 0, *fast) == 0
+    val = tiny_ws.results(DATASET) / "3d_fullres" / "fold_0" / "validation"
+    local = {p.name: p.read_bytes() for p in val.iterdir()}
+    metrics = (val.parent / "metrics.json").read_text()
+    assert any(n.endswith(".npz") for n in local)
+    shutil.rmtree(val)
+    (val.parent / "metrics.json").unlink()
+    with caplog.at_level("INFO", logger="autoliver.train.trainer"):
+        assert main(["--scheduler", "local:2", "train", "-d", DATASET, "3d_fullres", "0", "--workspace", str(tiny_ws.root), "--device", "cpu",
+                     "--no-progress", *fast, "--continue"]) == 0
+    assert "on the Dask cluster" in caplog.text
+    assert sorted(p.name for p in val.iterdir()) == sorted(local)
+    for name, before in local.items():
+        if name.endswith(".npz"):
+            with np.load(val / name) as a, np.load(__import__("io").BytesIO(before)) as b:
+                np.testing.assert_allclose(a["probabilities"].astype(np.float32), b["probabilities"].astype(np.float32), atol=2e-3)
+        else:
+            assert json.loads((val / name).read_text())["dice"] == pytest.approx(json.loads(before)["dice"], abs=1e-3)
+    assert json.loads((val.parent / "metrics.json").read_text())["mean"] == pytest.approx(json.loads(metrics)["mean"], abs=1e-3)

@@ -357,3 +357,12 @@ def test_real_runtime_exported_dynamic_agrees_with_torch_at_other_sizes(runtime,
         ref, out = torch_logits(net, x), engine(x)
         assert out.shape == ref.shape
         assert (out - ref).abs().max().item() < 1e-3 * max(1.0, (ref.max() - ref.min()).item())
+
+
+def test_predict_defaults_to_auto_unless_the_site_sets_an_engine():
+    from autoliver.cli import ENGINE_ENV, default_engine
+
+    assert default_engine({}) == "auto" and default_engine({ENGINE_ENV: " "}) == "auto"
+    assert default_engine({ENGINE_ENV: "torch"}) == "torch"
+    with pytest.raises(UsageError, match=ENGINE_ENV):
+        default_engine({ENGINE_ENV: "tensorrt"})

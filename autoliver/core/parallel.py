@@ -96,6 +96,11 @@ def parallel_map(
         bar.close()
 
 
+def active_cluster() -> Any | None:
+    """The Dask client of the enclosing ``cluster(...)`` block, None when work runs locally."""
+    return _client.get()
+
+
 def _on_cluster(client: Any, fn: Callable[..., Any], args: Sequence[tuple], ordered: bool) -> Iterator[Any]:
     from distributed import as_completed
 

@@ -70,6 +70,7 @@ from autoliver.core import faults
 from autoliver.core.device import select_device
 from autoliver.core.errors import AutoliverError, StaleArtefactError, UsageError
 from autoliver.core.layout import FoldPaths, ModelPaths
+from autoliver.core.parallel import active_cluster, parallel_map
 from autoliver.data.sampler import LiverRoi
 from autoliver.infer.sliding_window import tile_starts
 from autoliver.io.atomic import remove_stale_temporaries, write_bytes, write_json
@@ -89,7 +90,7 @@ from autoliver.train.objective import Objective, Plateau
 from autoliver.train.options import TrainOptions
 from autoliver.train.progress import append_log, plot_progress, rewrite_log
 from autoliver.train.schedule import BudgetPlan, poly_lr
-from autoliver.train.validation import ValidationJob, summarise, validate_cases
+from autoliver.train.validation import ValidationJob, summarise, validate_case_from_checkpoint, validate_cases
 from planning.plans import Configuration
 
 log = logging.getLogger(__name__)
@@ -653,7 +654,8 @@ class Trainer:
                             step=self.options.val_step, autocast_dtype=self.autocast, prev_stage_folder=s.prev_stage_folder,
                             save_probabilities=self.options.save_probabilities, next_stage=s.next_stage, pad_value=s.pad_value,
                             liver_validation=s.liver_validation)
-        validate_cases(self.network, job, mine)
+        if not self._validate_on_cluster(job, mine):
+            validate_cases(self.network, job, mine)
         D.barrier(self.ctx)
         if not self.ctx.is_main:
             return None
@@ -662,6 +664,22 @@ class Trainer:
         write_json(self.paths.metrics, metrics)
         log.info("%s: mean liver Dice %.4f, tumour Dice %.4f", self.paths.metrics, metrics["mean"]["liver"], metrics["mean"]["tumour"])
         return metrics
+
+    def _validate_on_cluster(self, job: ValidationJob, cases: list[str]) -> bool:
+        """Inside ``--scheduler``: the validation cases as cluster tasks (CPU workers reading the
+        final checkpoint, which holds exactly these weights); False when it does not apply."""
+        if active_cluster() is None or self.ctx.world_size > 1 or not cases or not self.paths.final.is_file():
+            return False
+        if int(load_checkpoint(self.paths.final)["epoch"]) != self.epoch:
+            log.info("%s is not of epoch %d; validating here, not on the cluster", self.paths.final, self.epoch)
+            return False
+        cpu = torch.device("cpu")
+        on_workers = replace(job, device=cpu, autocast_dtype=job.autocast_dtype if job.device.type == "cpu" else None)
+        log.info("validating %d case(s) on the Dask cluster", len(cases))
+        for _ in parallel_map(validate_case_from_checkpoint, [(str(self.paths.final), on_workers, c) for c in cases],
+                              progress=self.options.progress, desc="validate"):
+            pass
+        return True
 
     def _copy_plans(self) -> None:
         """Copy the dataset's plans.json into the model folder (results/<dataset>/), so that the

@@ -12,6 +12,10 @@ resumes where it stopped, and a fold trained further is validated again.
 A ``3d_lowres`` fold also writes its validation cases' predictions, resampled to the fullres
 grid and stored as uint8 label maps (``predicted_next_stage/<case>.b2nd``), the extra input
 of ``3d_cascade_fullres``.
+
+On a Dask cluster (``--scheduler``) each case is a task of its own
+(``validate_case_from_checkpoint``): the worker reads the fold's network from its final
+checkpoint on the shared file system, once per worker process, and writes the same files.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from autoliver.infer.sliding_window import argmax_labels
 from autoliver.infer.two_stage import fuse_probabilities, stage_context, stage_min_size, two_stage_predict, window_predictor
 from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.atomic import atomic_path, write_json
+from autoliver.io.checkpoint import load_checkpoint
+from autoliver.nets.registry import build_network, net_spec
 from autoliver.preprocess.resample import resample_probabilities
 from autoliver.preprocess.storage import CLEVEL, CODEC, DATA_SUFFIX, blosc2_layout, load_case, read_case_properties
 from planning.plans import Configuration
@@ -130,6 +136,32 @@ def validate_cases(model: torch.nn.Module, job: ValidationJob, case_ids: list[st
         results[case_id] = scores
         log.info("validation %s: liver Dice %.4f, tumour Dice %.4f", case_id, scores.get("liver", float("nan")), scores.get("tumour", float("nan")))
     return results
+
+
+_worker_networks: dict[tuple, torch.nn.Module] = {}  # this worker process's network: (path, mtime, size) -> module
+
+
+def network_from_checkpoint(checkpoint: str | Path, config: Configuration, n_classes: int) -> torch.nn.Module:
+    """The fold's network (eval mode, no deep supervision) from ``checkpoint``, kept for the next
+    case of this process while the file is unchanged."""
+    path = Path(checkpoint)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _worker_networks:
+        state = load_checkpoint(path)
+        info = state.get("network", {})
+        network = build_network(info.get("arch", "unet"), net_spec(config, int(info.get("n_classes", n_classes))))
+        network.load_state_dict(state["weights"])
+        network.deep_supervision = False
+        _worker_networks.clear()
+        _worker_networks[key] = network.eval()
+    return _worker_networks[key]
+
+
+def validate_case_from_checkpoint(checkpoint: str, job: ValidationJob, case_id: str) -> dict:
+    """One validation case as a cluster task: ``validate_cases`` with the network of ``checkpoint``."""
+    network = network_from_checkpoint(checkpoint, job.config, job.n_classes).to(job.device)
+    return validate_cases(network, job, [case_id])[case_id]
 
 
 def summarise(per_case: dict[str, dict], extra: dict | None = None) -> dict:
