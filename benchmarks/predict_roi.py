@@ -1,13 +1,16 @@
-"""ROI-first inference against whole-volume inference: seconds per case and Dice; peak memory of `autoliver predict`.
+"""ROI-first inference and inference tiles, each setting against the classic window: seconds per case and Dice; peak memory of `autoliver predict`.
 
 For each case (the real CT cases shipped in ``autoliver.examples`` and LiTS-size phantoms,
 512 x 512 x ``--slices`` at 1.0 x 0.77 x 0.77 mm, seeds unlike the training phantoms') and each
-configuration of the model (``-m``), ``predict_case`` runs with the ROI on and off (TTA on
-unless ``--no-tta``, step 0.5) in this process, and the labels are scored against the reference
-(liver = labels 1 + 2, tumour = label 2, LiTS rule for empty masks). With ``--memory``, each
-configuration also predicts a 512 x 512 x ``--memory-slices`` phantom through ``autoliver
-predict`` (ROI on; plain and with --save-probabilities), each in its own measured process.
-Timings are wall-clock on this machine with whatever else runs on it: note the load.
+configuration of the model (``-m``), ``predict_case`` runs once per ``--variants`` setting
+(``ROI/TILES``: ROI off, on or auto; tiles patch or auto; default: the classic ``off/patch``,
+``on/patch``, ``off/auto`` and ``auto/auto``; TTA on unless ``--no-tta``, step 0.5) in this
+process, and the labels are scored against the reference (liver = labels 1 + 2, tumour =
+label 2, LiTS rule for empty masks) and compared voxel by voxel with the first setting's.
+With ``--memory``, each configuration also predicts a 512 x 512 x ``--memory-slices`` phantom
+through ``autoliver predict`` (its defaults; plain and with --save-probabilities), each in its
+own measured process. Timings are wall-clock on this machine with whatever else runs on it:
+note the load.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from benchmarks.harness import cache, cases, measure
 
 REAL_CASES = ("lits117_128cube", "chaos_ct_sample", "totalseg_example_ct_sm")
+VARIANTS = ("off/patch", "on/patch", "off/auto", "auto/auto")
 
 
 def add_arguments(p) -> None:
@@ -32,9 +36,18 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--no-tta", action="store_true", help="mirroring TTA off (default: on)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="ROI/TILES",
+                   help="settings to compare, the first is the reference (default: %(default)s)")
 
 
-def timed_prediction(model, image, label, geometry, roi: bool, tta: bool) -> dict:
+def parse_variant(text: str) -> tuple[str, str]:
+    roi, _, tiles = text.partition("/")
+    if roi not in ("auto", "on", "off") or tiles not in ("auto", "patch"):
+        raise SystemExit(f"--variants: {text!r} is not ROI/TILES with ROI auto|on|off and TILES auto|patch")
+    return roi, tiles
+
+
+def timed_prediction(model, image, label, geometry, roi: str, tta: bool, tiles: str = "patch") -> dict:
     import torch
 
     from autoliver.evaluate.overlap import case_dice
@@ -43,9 +56,10 @@ def timed_prediction(model, image, label, geometry, roi: bool, tta: bool) -> dic
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
     t0 = time.perf_counter()
-    pred = predict_case(model, image, geometry, tta=tta, step=0.5, roi=roi)
+    pred = predict_case(model, image, geometry, tta=tta, step=0.5, roi=roi, tiles=tiles)
     sync()
-    return {"seconds": time.perf_counter() - t0, "timings": pred.timings, "dice": case_dice(pred.seg, label), "roi": pred.info["roi"], "seg": pred.seg}
+    return {"seconds": time.perf_counter() - t0, "timings": pred.timings, "dice": case_dice(pred.seg, label), "roi": pred.info["roi"],
+            "tiles": pred.info["tiles"], "seg": pred.seg}
 
 
 def run(ctx) -> dict:
@@ -58,6 +72,7 @@ def run(ctx) -> dict:
         raise SystemExit("predict_roi needs -m MODEL_DIR (a trained results/<dataset> folder), or --quick")
     model_dir = cases.tiny_model(ctx) if ctx.quick else a.model_dir
     tta = not a.no_tta
+    variants = [v for v in a.variants if parse_variant(v)]
     inplane, spacing = ctx.pick((512, 512), (96, 96)), ctx.pick(cases.LITS_SPACING, (4.0, 3.0, 3.0))
     data = {n: cases.real_case(n, ctx) for n in ctx.pick(a.real, ["lits117_128cube"])}
     for k in range(ctx.pick(a.phantoms, 1)):
@@ -69,15 +84,19 @@ def run(ctx) -> dict:
             image, _, g = next(iter(data.values()))
             predict_case(model, image[:64, :128, :128].copy(), Geometry(image[:64, :128, :128].shape, g.spacing, g.origin, g.direction), tta=False, roi=False)
         for name, (image, label, geometry) in data.items():
-            off, on = (timed_prediction(model, image, label, geometry, roi, tta) for roi in (False, True))
-            agree = float(np.mean(off.pop("seg") == on.pop("seg")))
-            per_case.setdefault(config, {})[name] = {"shape": list(geometry.shape), "roi_off": off, "roi_on": on}
-            rows.append({"configuration": config, "case": name, "seconds, ROI off": off["seconds"], "seconds, ROI on": on["seconds"],
-                         "ROI % of the grid": 100 * (on["roi"] or {}).get("fraction", 1.0), "speed-up": off["seconds"] / on["seconds"],
-                         "liver Dice off": off["dice"]["liver"], "liver Dice on": on["dice"]["liver"],
-                         "tumour Dice off": off["dice"]["tumour"], "tumour Dice on": on["dice"]["tumour"], "voxel agreement": agree})
+            runs = {v: timed_prediction(model, image, label, geometry, parse_variant(v)[0], tta, parse_variant(v)[1]) for v in variants}
+            first = runs[variants[0]]["seg"]
+            for v, r in runs.items():
+                seg = r.pop("seg")
+                roi = r["roi"] or {}
+                rows.append({"configuration": config, "case": name, "ROI/tiles": v, "seconds": r["seconds"],
+                             "speed-up": runs[variants[0]]["seconds"] / r["seconds"],
+                             "ROI % of the grid": 100 * roi.get("fraction", 1.0) if roi.get("used") else None,
+                             "tile": "x".join(map(str, r["tiles"]["tile"])), "liver Dice": r["dice"]["liver"], "tumour Dice": r["dice"]["tumour"],
+                             f"voxels equal to {variants[0]}": float(np.mean(seg == first))})
+            per_case.setdefault(config, {})[name] = {"shape": list(geometry.shape), "runs": runs}
             ctx.checkpoint({"rows": rows, "cases": per_case})
-    out = {"rows": rows, "cases": per_case, "settings": {"tta": tta, "step": 0.5, "precision": a.precision, "device": a.device}}
+    out = {"rows": rows, "cases": per_case, "settings": {"tta": tta, "step": 0.5, "precision": a.precision, "device": a.device, "variants": variants}}
     if a.memory:
         out["memory"] = memory_runs(ctx, model_dir, ctx.pick(a.configurations, ["2d"]), ctx.pick(a.memory_slices, 40), inplane, spacing, tta)
         rows += [{"table": "peak memory of autoliver predict, each in its own process", **r} for r in out["memory"]]
