@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--roi", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="find the liver with a coarse pass first and run the accurate pass only around it: on, off, or auto = "
-                        "where the coarse pass costs at most a quarter of the whole-volume pass, counted from the tiles (default: %(default)s)")
+                        "where the coarse pass costs at most half the whole-volume pass, counted from the tiles (default: %(default)s)")
     p.add_argument("--no-roi", dest="roi", action="store_const", const="off", help="the same as --roi off")
     p.add_argument("--tiles", choices=["auto", "patch"], default="auto", help="3d inference tiles: auto = the fewest, largest tiles "
                    "within --tile-mb (less overlap, less work), patch = the training patch at --step-size (default: %(default)s)")

@@ -245,12 +245,13 @@ def test_a_box_that_cuts_the_liver_grows_until_it_holds_it(ws, monkeypatch):
     assert not (liver(pred.seg) & ~liver(whole.seg)).any()
 
 
-def test_grow_box_moves_only_the_sides_the_liver_touches_inside_the_volume():
+def test_grow_box_moves_only_the_sides_the_largest_liver_region_touches_inside_the_volume():
     labels = np.zeros((10, 12, 14), np.uint8)
-    labels[0, 5, 5] = 1  # touches the low z side
-    labels[4, 5, -1] = 2  # tumour touches the high x side
+    labels[0:6, 3:8, 4:14] = 1  # the liver: touches the low z side and the high x side
+    labels[2:4, 4:6, 10:14] = 2  # with a tumour at the high x side
+    labels[5, 11, 0] = 1  # a stray voxel at the high y / low x corner: not the liver, grows nothing
     box = ((0, 10), (20, 32), (30, 44))
-    grown = grow_box(box, labels, (40, 60, 60), (2.0, 1.0, 1.0), margin_mm=5.0)
+    grown = grow_box(box, labels, (40, 60, 60), (2.0, 1.0, 1.0), margin_mm=5.0, block_mm=1.0)
     assert grown == ((0, 10), (20, 32), (30, 54))  # z already at the volume's border; x moved by 2 x 5 mm
     assert grow_box(box, np.zeros_like(labels), (40, 60, 60), (2.0, 1.0, 1.0)) == box
 

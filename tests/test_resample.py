@@ -140,3 +140,24 @@ def test_bad_arguments():
         R.resample_labels(np.zeros((4, 4, 4), np.float32), (2, 2, 2))
     with pytest.raises(ValueError):
         R.axis_weights(4, 5, 2)
+
+
+@pytest.mark.parametrize("case", ["chaos_ct_sample", "dcmqi_ct3slice"])
+@pytest.mark.parametrize("target", [(3.0, 3.0, 3.0), (1.0, 0.8, 0.8)])
+def test_normalisation_fused_into_resampling_is_bit_for_bit_the_two_step_result(case, target):
+    """Real CT (int16 HU): normalising the slices as they are read equals normalising the whole
+    crop and resampling it, to the bit, so stored training data do not change."""
+    from autoliver import examples
+    from autoliver.io.images import read_image
+    from autoliver.preprocess.case import crop_to_body, resample_cropped, resample_normalised
+    from autoliver.preprocess.normalise import normalise_ct
+    from planning.plans import Normalisation
+
+    norm = Normalisation("ct", -100.0, 250.0, 80.0, 60.0)
+    image, geometry = read_image(examples.image_path(case))
+    assert image.dtype == np.int16
+    hu, _, _ = crop_to_body(image, None)
+    expected, _ = resample_cropped(normalise_ct(hu, norm), None, geometry.spacing, target)
+    got, _ = resample_normalised(hu, None, geometry.spacing, target, norm)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(got, expected)

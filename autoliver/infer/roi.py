@@ -13,7 +13,9 @@ pass finds no liver, the whole volume is predicted.
 
 Whether the coarse pass pays is decided before it runs (``roi_costs``): it costs its tiles'
 voxels, the accurate pass over the whole volume its tiles' voxels times folds and mirrored
-copies; the ROI is used when the coarse pass costs at most ``ROI_PAYOFF`` of that.
+copies; the ROI is used when the coarse pass costs at most ``ROI_PAYOFF`` (half) of that:
+besides the time it saves, it confines the prediction to the liver's region, so far-away
+false positives never appear.
 ``grow_box`` is the safety net behind a coarse pass that cut the liver: a box side inside the
 volume that the accurate pass's liver touches is moved out and the box predicted again.
 
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from autoliver.core.labels import STRUCTURES
-from autoliver.infer.predictor import Box, Model, fold_predictor
+from autoliver.infer.predictor import Box, Model, fold_predictor, inference_tiling
 from autoliver.infer.sliding_window import Window, _pad_to, argmax_labels, predict_slicewise, tile_starts
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ COARSE_SLICE_MM = 10.0
 COARSE_MM = 6.0
 COARSE_MAX_FACTOR = 2
 BLOCK_MM = 4.0
-ROI_PAYOFF = 0.25
+ROI_PAYOFF = 0.5
 MIRRORS = {3: 8, 2: 4}  # mirrored copies with test-time augmentation, per network dimension
 
 
@@ -94,13 +96,13 @@ def coarse_labels(model: Model, data: np.ndarray) -> tuple[np.ndarray, np.ndarra
         image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None, None]
         if any(f > 1 for f in factors):
             image = F.avg_pool3d(image, kernel_size=factors, stride=factors, ceil_mode=True)
-        padded, crop = _pad_to(image, config.patch_size, model.pad_value)
+        tile, starts = _coarse_tiling(model, image.shape[2:])
+        padded, crop = _pad_to(image, tile, model.pad_value)
         labels = np.zeros(padded.shape[2:], dtype=np.uint8)
-        starts = [tile_starts(s, p, 1.0) for s, p in zip(padded.shape[2:], config.patch_size)]
         for pos in itertools.product(*starts):
-            sl = tuple(slice(s, s + p) for s, p in zip(pos, config.patch_size))
-            tile = padded[(slice(None), slice(None), *sl)].to(model.device)
-            labels[sl] = predictor(tile)[0].argmax(0).to("cpu", torch.uint8).numpy()
+            sl = tuple(slice(s, s + p) for s, p in zip(pos, tile))
+            x = padded[(slice(None), slice(None), *sl)].to(model.device)
+            labels[sl] = predictor(x)[0].argmax(0).to("cpu", torch.uint8).numpy()
         labels = labels[crop]
         return labels, np.arange(labels.shape[0]) * factors[0], (factors[1], factors[2])
 
@@ -109,9 +111,29 @@ def _tiles(shape: Sequence[int], patch: Sequence[int], step: float) -> int:
     return int(np.prod([len(tile_starts(int(s), int(p), step)) for s, p in zip(shape, patch)]))
 
 
+def _coarse_tiling(model: Model, shape: Sequence[int]) -> tuple[tuple[int, ...], list[list[int]]]:
+    """Non-overlapping tiles of a 3d coarse pass over ``shape``: the model's inference tiles at
+    step 1, else the patch; starts over the volume padded up to the tile."""
+    tiling = inference_tiling(model, shape, 1.0)
+    if tiling is not None:
+        return tiling
+    patch = tuple(int(p) for p in model.configuration.patch_size)
+    return patch, [tile_starts(max(int(s), p), p, 1.0) for s, p in zip(shape, patch)]
+
+
+def _pass_voxels(model: Model, shape: Sequence[int], step: float) -> float:
+    """Network voxels of one 3d pass over ``shape``: the model's inference tiling, else the patch window."""
+    tiling = inference_tiling(model, shape, step)
+    if tiling is None:
+        return float(_tiles(shape, model.configuration.patch_size, step) * np.prod(model.configuration.patch_size))
+    tile, starts = tiling
+    return float(np.prod(tile) * np.prod([len(st) for st in starts]))
+
+
 def roi_costs(model: Model, shape: Sequence[int], tta: bool, step: float) -> tuple[float, float]:
     """(coarse pass, accurate pass over the whole volume) in network voxels, for ``model`` on a
-    preprocessed volume of ``shape``: counted from the tiles, before anything runs."""
+    preprocessed volume of ``shape``: counted from the tiles it would run (its inference
+    tiling), before anything runs."""
     config = model.configuration
     patch = tuple(int(p) for p in config.patch_size)
     voxels = float(np.prod(patch))
@@ -120,11 +142,10 @@ def roi_costs(model: Model, shape: Sequence[int], tta: bool, step: float) -> tup
         plane = shape[1:]
         coarse = len(_coarse_slices(int(shape[0]), config.spacing[0])) * _tiles(plane, patch, 1.0)
         accurate = int(shape[0]) * _tiles(plane, patch, step)
-    else:
-        factors = coarse_factors(config.spacing)
-        coarse = _tiles([math.ceil(int(s) / f) for s, f in zip(shape, factors)], patch, 1.0)
-        accurate = _tiles(shape, patch, step)
-    return coarse * voxels, accurate * voxels * copies
+        return coarse * voxels, accurate * voxels * copies
+    factors = coarse_factors(config.spacing)
+    coarse_3d = _pass_voxels(model, [math.ceil(int(s) / f) for s, f in zip(shape, factors)], 1.0)
+    return coarse_3d, _pass_voxels(model, shape, step) * copies
 
 
 def _block_counts(mask: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -205,15 +226,24 @@ def find_roi(model: Model, data: np.ndarray, margin_mm: float = MARGIN_MM, label
     return Roi(box, True, fraction, seconds)
 
 
-def grow_box(box: Box, labels: np.ndarray, shape: Sequence[int], spacing: Sequence[float], margin_mm: float = MARGIN_MM) -> Box:
-    """``box`` with every side that lies inside the volume and that the liver of ``labels`` (the
-    accurate pass's labels over ``box``) touches moved out by twice ``margin_mm``: the same box
-    when nothing touches."""
+def grow_box(box: Box, labels: np.ndarray, shape: Sequence[int], spacing: Sequence[float], margin_mm: float = MARGIN_MM,
+             block_mm: float = BLOCK_MM) -> Box:
+    """``box`` with every side that lies inside the volume and that the largest liver region of
+    ``labels`` (the accurate pass's labels over ``box``; regions found on blocks of about
+    ``block_mm``, as in ``liver_box``) reaches moved out by twice ``margin_mm``: the same box
+    when it reaches none. Smaller regions (false positives elsewhere) never grow the box."""
     liver = np.isin(labels, LIVER_LABELS)
+    if not liver.any():
+        return box
+    factors = [max(1, int(round(block_mm / float(s)))) for s in spacing]
+    counts = _block_counts(liver, factors)
+    comps, n = ndimage.label(counts > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = ndimage.sum(counts, comps, index=np.arange(1, n + 1))
+    main = comps == int(np.argmax(sizes)) + 1
     out = []
     for axis, (a, b) in enumerate(box):
-        step = int(math.ceil(2 * max(margin_mm, BLOCK_MM) / float(spacing[axis])))
-        first, last = np.take(liver, 0, axis=axis).any(), np.take(liver, -1, axis=axis).any()
+        step = int(math.ceil(2 * max(margin_mm, block_mm) / float(spacing[axis])))
+        first, last = np.take(main, 0, axis=axis).any(), np.take(main, -1, axis=axis).any()
         a2 = max(0, a - step) if a > 0 and first else a
         b2 = min(int(shape[axis]), b + step) if b < int(shape[axis]) and last else b
         out.append((int(a2), int(b2)))

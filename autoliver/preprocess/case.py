@@ -33,7 +33,7 @@ from scipy import ndimage
 from autoliver.core.labels import LIVER, TUMOUR
 from autoliver.io.images import Geometry
 from autoliver.preprocess.intensity import apply_options, needs_body_mask, options_for, options_hash
-from autoliver.preprocess.normalise import pad_is_recorded, pad_value_for
+from autoliver.preprocess.normalise import normalise_ct, pad_is_recorded, pad_value_for
 from autoliver.preprocess.properties import CaseProperties
 from autoliver.preprocess.resample import (
     axis_weights,
@@ -141,6 +141,23 @@ def resample_cropped(data: np.ndarray, seg: np.ndarray | None, spacing: Sequence
     return out, out_seg
 
 
+def resample_normalised(cropped_hu: np.ndarray, seg: np.ndarray | None, spacing: Sequence[float], target: Sequence[float],
+                        normalisation) -> tuple[np.ndarray, np.ndarray | None]:
+    """``resample_cropped(normalise_ct(cropped_hu), seg, ...)`` bit for bit, with the CT
+    normalisation applied to the slices as the resampling reads them: no full-size float32
+    copy of the scan (1.3 GB for a 640 x 512 x 512 CT)."""
+    def norm(a: np.ndarray) -> np.ndarray:
+        return normalise_ct(a, normalisation)
+
+    shape = new_shape_for(cropped_hu.shape, spacing, target)
+    if shape == tuple(cropped_hu.shape) or not cropped_hu.size:
+        return resample_cropped(norm(cropped_hu), seg, spacing, target)
+    ends = norm(np.array([cropped_hu.min(), cropped_hu.max()], dtype=cropped_hu.dtype))  # the normalised extremes
+    order_z = 1 if is_anisotropic(spacing, target) else 3
+    out = resample_to_shape(cropped_hu, shape, 3, order_z, _data_dtype(ends), clip_to_input_range=True, pointwise=norm)
+    return out, None if seg is None else resample_labels(seg, shape)
+
+
 def resample_hu(cropped: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
     """Cropped HU -> float32 in the target grid, with the interpolation ``resample_cropped``
     uses (cubic in-plane, cubic or, when anisotropic, linear along z, overshoot clipped to the
@@ -188,17 +205,14 @@ def iter_preprocessed(image: np.ndarray, geometry: Geometry, label: np.ndarray |
     if unknown:
         raise ValueError(f"data identifiers {unknown} not in the plan (has {sorted(plans.data_spacings)})")
     cropped_hu, cropped_seg, box = crop_to_body(image, label)
-    normalised = None  # the planned identifiers' normalised crop, made on first use
     cache: dict = {}
     for ident in data_identifiers:
         target = tuple(float(s) for s in plans.data_spacings[ident])
         options = options_for(plans, ident)
         if options:
             data, seg = _with_options(cropped_hu, cropped_seg, geometry.spacing, target, options, plans, cache)
-        else:
-            if normalised is None:
-                normalised = apply_options(cropped_hu, {}, plans.normalisation)
-            data, seg = resample_cropped(normalised, cropped_seg, geometry.spacing, target)
+        else:  # CT normalisation (pointwise) fused into the resampling
+            data, seg = resample_normalised(cropped_hu, cropped_seg, geometry.spacing, target, plans.normalisation)
         props = {
             "geometry": geometry.to_json(),
             "crop_box": [list(b) for b in box],

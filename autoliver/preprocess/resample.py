@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -147,13 +147,16 @@ def _resample_chunks(volume: np.ndarray, out_shape: tuple[int, int, int], order_
 
 
 def resample_to_shape(volume: np.ndarray, out_shape: Sequence[int], order_xy: int = 3, order_z: int = 3,
-                      out_dtype=np.float32, clip_to_input_range: bool = False) -> np.ndarray:
+                      out_dtype=np.float32, clip_to_input_range: bool = False,
+                      pointwise: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Resample a (Z, Y, X) intensity volume (or one probability channel) to ``out_shape``.
 
     Interpolation order ``order_xy`` in-plane and ``order_z`` along z (0, 1 or 3). Computation
     is float32; the result has ``out_dtype`` (float32 or float16). ``clip_to_input_range``
     removes cubic overshoot (ringing beyond the input's min/max at sharp edges, e.g. the
-    clipped air/tissue boundary of normalised CT).
+    clipped air/tissue boundary of normalised CT). ``pointwise``: an element-wise,
+    non-decreasing function to float32 (e.g. CT normalisation) applied to the input slices as
+    they are read: bit for bit the resampling of ``pointwise(volume)``, without its full-size copy.
     """
     if volume.ndim != 3:
         raise ValueError(f"expected a 3D (Z, Y, X) array, got shape {volume.shape}")
@@ -161,9 +164,12 @@ def resample_to_shape(volume: np.ndarray, out_shape: Sequence[int], order_xy: in
     if len(out_shape) != 3 or min(out_shape) < 1:
         raise ValueError(f"out_shape must be 3 positive ints, got {out_shape}")
     out = np.empty(out_shape, dtype=out_dtype)
-    clip_range = (np.float32(volume.min()), np.float32(volume.max())) if clip_to_input_range and volume.size else None
-    _resample_chunks(volume, out_shape, order_xy, order_z,
-                     lambda lo, hi: np.asarray(volume[lo:hi], dtype=np.float32), out, clip_range)
+    read = pointwise or (lambda a: np.asarray(a, dtype=np.float32))
+    clip_range = None
+    if clip_to_input_range and volume.size:
+        lo, hi = read(np.array([volume.min(), volume.max()], dtype=volume.dtype))  # a non-decreasing map keeps the extremes
+        clip_range = (np.float32(lo), np.float32(hi))
+    _resample_chunks(volume, out_shape, order_xy, order_z, lambda lo, hi: read(volume[lo:hi]), out, clip_range)
     return out
 
 
