@@ -563,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find the liver with a coarse pass first and run the accurate pass only around it: on, off, or auto = "
                         "where the coarse pass costs at most half the whole-volume pass, counted from the tiles (default: %(default)s)")
     p.add_argument("--no-roi", dest="roi", action="store_const", const="off", help="the same as --roi off")
-    p.add_argument("--tiles", choices=["auto", "patch"], default="auto", help="3d inference tiles: auto = the fewest, largest tiles "
-                   "within --tile-mb (less overlap, less work), patch = the training patch at --step-size (default: %(default)s)")
+    p.add_argument("--tiles", choices=["auto", "patch"], default="auto", help="3d inference tiles: auto = the tiling with the fewest "
+                   "computed voxels, tiles of at most 1.6 patches and --tile-mb (less overlap, less work), patch = the training patch "
+                   "at --step-size (default: %(default)s)")
     p.add_argument("--tile-mb", type=float, default=512.0, metavar="MB", help="with --tiles auto: the largest tile's activation memory, "
                    "estimated (default: %(default)s)")
     p.add_argument("--roi-margin", type=float, default=20.0, metavar="MM", help="margin around the liver's box in mm (default: %(default)s)")

@@ -19,7 +19,7 @@ from autoliver.core.errors import StaleArtefactError
 from autoliver.infer.ensemble import Ensemble, load_ensemble
 from autoliver.infer.pipeline import ensemble_probabilities, predict_case, roi_decision
 from autoliver.infer.precision import cpu_flags, resolve_precision
-from autoliver.infer.predictor import FoldNetwork, load_model, predict_preprocessed, preprocess_for
+from autoliver.infer.predictor import TILE_MAX_PATCHES, FoldNetwork, load_model, predict_preprocessed, preprocess_for, tile_voxels
 from autoliver.infer.roi import coarse_factors, find_roi, grow_box, liver_box, roi_costs
 from autoliver.infer.runner import PredictOptions, predict_inputs
 from autoliver.infer.sliding_window import tile_starts
@@ -198,6 +198,9 @@ def test_auto_tiles_give_the_patch_tiles_result_for_a_per_voxel_network(ws):
     big = predict_case(model, image, geom, tta=True, roi="on", tiles="auto", save_probabilities=True)
     assert by_patch.info["tiles"]["mode"] == "patch" and big.info["tiles"]["mode"] == "auto"
     assert small.info["tiles"]["tile"] == list(model.configuration.patch_size)  # the budget floors at the patch
+    patch_voxels = int(np.prod(model.configuration.patch_size))
+    assert tile_voxels(model.configuration, 1e6) == int(TILE_MAX_PATCHES * patch_voxels)  # instance norm: tiles stay near the patch
+    assert np.prod(big.info["tiles"]["tile"]) <= TILE_MAX_PATCHES * patch_voxels
     for other in (small, big):
         assert np.array_equal(other.seg, by_patch.seg)
     np.testing.assert_allclose(small.probabilities.astype(np.float32), by_patch.probabilities.astype(np.float32), atol=2e-3)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)) in a preprocessed grid
 TILES = ("auto", "patch")
 TILE_MB = 512.0
+TILE_MAX_PATCHES = 1.6
 BYTES_PER_VOXEL_FEATURE = 26.5
 
 
@@ -102,11 +103,15 @@ def network_divisor(config: Configuration) -> tuple[int, ...]:
 
 
 def tile_voxels(config: Configuration, tile_mb: float) -> int:
-    """The most voxels an inference tile may have for about ``tile_mb`` MiB of activations
-    (measured: ~26.5 bytes per voxel and first-stage feature in float32 with torch), and never
-    fewer than the training patch's."""
+    """The most voxels an inference tile may have: at most ``TILE_MAX_PATCHES`` training
+    patches (instance normalisation sees the whole tile: measured on real CT and LiTS-size
+    phantoms, tiles up to 1.6 patches kept the liver Dice of the patch window, 2.7 patches lost
+    up to 0.3 and one whole-volume tile up to 0.55) and about ``tile_mb`` MiB of activations
+    (~26.5 bytes per voxel and first-stage feature in float32 with torch); never fewer than
+    the patch's."""
+    patch = int(np.prod(config.patch_size))
     per_voxel = BYTES_PER_VOXEL_FEATURE * int(config.features_per_stage[0])
-    return max(int(np.prod(config.patch_size)), int(tile_mb * 2**20 / per_voxel))
+    return max(patch, min(int(TILE_MAX_PATCHES * patch), int(tile_mb * 2**20 / per_voxel)))
 
 
 def inference_tiling(model: "Model", shape: Sequence[int], step: float) -> tuple[tuple[int, ...], list[list[int]]] | None:
