@@ -114,12 +114,38 @@ def tile_voxels(config: Configuration, tile_mb: float) -> int:
     return max(patch, min(int(TILE_MAX_PATCHES * patch), int(tile_mb * 2**20 / per_voxel)))
 
 
+def auto_tiles(model: "Model") -> bool:
+    """Whether ``model`` runs on ``throughput_tiling``'s tiles (a 3d network with ``tiles="auto"``)."""
+    return model.tiles == "auto" and model.configuration.network_dims == 3
+
+
 def inference_tiling(model: "Model", shape: Sequence[int], step: float) -> tuple[tuple[int, ...], list[list[int]]] | None:
-    """(tile, starts) of a 3d model with ``tiles="auto"`` for a volume of ``shape``; None: the patch-sized window."""
-    config = model.configuration
-    if model.tiles != "auto" or config.network_dims != 3:
+    """(tile, starts) of a model with ``auto_tiles`` for a volume of ``shape``; None: the patch-sized window."""
+    if not auto_tiles(model):
         return None
+    config = model.configuration
     return throughput_tiling(shape, config.patch_size, network_divisor(config), tile_voxels(config, model.tile_mb), step)
+
+
+def network_from_state(state: dict, config: Configuration, path: Path, plans_source: str, n_classes: int = 3
+                       ) -> tuple[torch.nn.Module, str, int]:
+    """(network in eval mode without deep supervision, arch, n_classes) of a loaded checkpoint
+    ``state`` of ``path``; CheckpointError when its weights do not fit the network ``config``
+    (from ``plans_source``) describes."""
+    from autoliver.nets.registry import build_network, net_spec
+
+    info = state.get("network", {})
+    arch = info.get("arch", "unet")
+    n_classes = int(info.get("n_classes", n_classes))
+    network = build_network(arch, net_spec(config, n_classes))
+    try:
+        network.load_state_dict(state["weights"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: its weights do not fit the {arch} network that {plans_source} describes ({first}); "
+                              "predict with the plans it was trained with, or retrain the fold") from None
+    network.deep_supervision = False
+    return network.eval(), arch, n_classes
 
 
 def find_plans(model_dir: Path) -> Path:
@@ -171,8 +197,6 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
     CPU runtime each network is exported to once and cached beside its checkpoint
     (``autoliver.infer.engines``: auto, onnxruntime, openvino; torch when none is installed).
     """
-    from autoliver.nets.registry import build_network, net_spec
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MissingArtefactError(f"{model_dir}: model folder not found; train one with `autoliver train -d DATASET CONFIG FOLD`")
@@ -202,18 +226,8 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
         state = load_checkpoint(path, map_location="cpu")
         if not plans.hash_matches(state.get("plans_hash"), name):
             raise StaleArtefactError(f"{path}: trained with another plans.json than {plans_path}; predict with the plans it was trained with or retrain")
-        net_info = state.get("network", {})
-        arch = net_info.get("arch", "unet")
-        n_classes = int(net_info.get("n_classes", 3))
-        network = build_network(arch, net_spec(plans.configurations[name], n_classes))
-        try:
-            network.load_state_dict(state["weights"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: its weights do not fit the {arch} network that {plans_path} describes ({first}); "
-                                  "predict with the plans it was trained with, or retrain the fold") from None
-        network.deep_supervision = False
-        network.eval().to(device)
+        network, arch, n_classes = network_from_state(state, plans.configurations[name], path, str(plans_path))
+        network.to(device)
         runner = None
         if factory is not None and factory.name != "torch":
             runner = factory.build(network, engine_input_shape(plans.configurations[name], n_classes), checkpoint=path,
@@ -338,7 +352,7 @@ def model_probabilities(model: Model, prepared: dict[str, tuple[np.ndarray, dict
     data = prepared[model.configuration.data_identifier][0]
     if model.liver is not None:
         return _two_stage_probabilities(model, prepared, box, tta, step)
-    if box is None or inference_tiling(model, data.shape, step) is not None:  # "auto" tiles: the box tiled on its own
+    if box is None or auto_tiles(model):  # "auto" tiles: the box tiled on its own
         region, starts = box, None
     else:
         region, starts = aligned_tiling(data.shape, box, model.configuration, step)

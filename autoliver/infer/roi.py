@@ -24,7 +24,6 @@ Array layout (Z, Y, X) in the preprocessed grid; spacing in mm.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from autoliver.core.labels import STRUCTURES
-from autoliver.infer.predictor import Box, Model, fold_predictor, inference_tiling
-from autoliver.infer.sliding_window import Window, _pad_to, argmax_labels, predict_slicewise, tile_starts
+from autoliver.infer.predictor import Box, Model, fold_predictor, inference_tiling, tta_axes
+from autoliver.infer.sliding_window import Window, argmax_labels, predict_slicewise, sliding_window_predict, tile_starts
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ COARSE_MM = 6.0
 COARSE_MAX_FACTOR = 2
 BLOCK_MM = 4.0
 ROI_PAYOFF = 0.5
-MIRRORS = {3: 8, 2: 4}  # mirrored copies with test-time augmentation, per network dimension
 
 
 @dataclass(frozen=True)
@@ -96,14 +94,10 @@ def coarse_labels(model: Model, data: np.ndarray) -> tuple[np.ndarray, np.ndarra
         image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None, None]
         if any(f > 1 for f in factors):
             image = F.avg_pool3d(image, kernel_size=factors, stride=factors, ceil_mode=True)
-        tile, starts = _coarse_tiling(model, image.shape[2:])
-        padded, crop = _pad_to(image, tile, model.pad_value)
-        labels = np.zeros(padded.shape[2:], dtype=np.uint8)
-        for pos in itertools.product(*starts):
-            sl = tuple(slice(s, s + p) for s, p in zip(pos, tile))
-            x = padded[(slice(None), slice(None), *sl)].to(model.device)
-            labels[sl] = predictor(x)[0].argmax(0).to("cpu", torch.uint8).numpy()
-        labels = labels[crop]
+        tile, starts = pass_tiling(model, image.shape[2:], 1.0)
+        window = Window(tile, step=1.0, n_classes=model.n_classes, device=model.device, gaussian=False, pad_value=model.pad_value,
+                        starts=starts)
+        labels = argmax_labels(sliding_window_predict(predictor, image[0], window))
         return labels, np.arange(labels.shape[0]) * factors[0], (factors[1], factors[2])
 
 
@@ -111,22 +105,19 @@ def _tiles(shape: Sequence[int], patch: Sequence[int], step: float) -> int:
     return int(np.prod([len(tile_starts(int(s), int(p), step)) for s, p in zip(shape, patch)]))
 
 
-def _coarse_tiling(model: Model, shape: Sequence[int]) -> tuple[tuple[int, ...], list[list[int]]]:
-    """Non-overlapping tiles of a 3d coarse pass over ``shape``: the model's inference tiles at
-    step 1, else the patch; starts over the volume padded up to the tile."""
-    tiling = inference_tiling(model, shape, 1.0)
+def pass_tiling(model: Model, shape: Sequence[int], step: float) -> tuple[tuple[int, ...], list[list[int]]]:
+    """(tile, starts) of one 3d pass over ``shape``: the model's inference tiling, else the
+    patch window (starts over the volume padded up to the patch)."""
+    tiling = inference_tiling(model, shape, step)
     if tiling is not None:
         return tiling
     patch = tuple(int(p) for p in model.configuration.patch_size)
-    return patch, [tile_starts(max(int(s), p), p, 1.0) for s, p in zip(shape, patch)]
+    return patch, [tile_starts(max(int(s), p), p, step) for s, p in zip(shape, patch)]
 
 
 def _pass_voxels(model: Model, shape: Sequence[int], step: float) -> float:
-    """Network voxels of one 3d pass over ``shape``: the model's inference tiling, else the patch window."""
-    tiling = inference_tiling(model, shape, step)
-    if tiling is None:
-        return float(_tiles(shape, model.configuration.patch_size, step) * np.prod(model.configuration.patch_size))
-    tile, starts = tiling
+    """Network voxels of one 3d pass over ``shape`` (``pass_tiling``)."""
+    tile, starts = pass_tiling(model, shape, step)
     return float(np.prod(tile) * np.prod([len(st) for st in starts]))
 
 
@@ -137,7 +128,7 @@ def roi_costs(model: Model, shape: Sequence[int], tta: bool, step: float) -> tup
     config = model.configuration
     patch = tuple(int(p) for p in config.patch_size)
     voxels = float(np.prod(patch))
-    copies = len(model.folds) * (MIRRORS[config.network_dims] if tta else 1)
+    copies = len(model.folds) * (2 ** len(tta_axes(config)) if tta else 1)  # mirrored copies with TTA
     if config.network_dims == 2:
         plane = shape[1:]
         coarse = len(_coarse_slices(int(shape[0]), config.spacing[0])) * _tiles(plane, patch, 1.0)

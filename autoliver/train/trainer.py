@@ -668,11 +668,8 @@ class Trainer:
     def _validate_on_cluster(self, job: ValidationJob, cases: list[str]) -> bool:
         """Inside ``--scheduler``: the validation cases as cluster tasks (CPU workers reading the
         final checkpoint, which holds exactly these weights); False when it does not apply."""
-        if active_cluster() is None or self.ctx.world_size > 1 or not cases or not self.paths.final.is_file():
-            return False
-        if int(load_checkpoint(self.paths.final)["epoch"]) != self.epoch:
-            log.info("%s is not of epoch %d; validating here, not on the cluster", self.paths.final, self.epoch)
-            return False
+        if active_cluster() is None or self.ctx.world_size > 1 or not cases or not self.finished:
+            return False  # self.finished: train() has just written these weights as the final checkpoint
         cpu = torch.device("cpu")
         on_workers = replace(job, device=cpu, autocast_dtype=job.autocast_dtype if job.device.type == "cpu" else None)
         log.info("validating %d case(s) on the Dask cluster", len(cases))

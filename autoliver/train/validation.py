@@ -32,12 +32,12 @@ import torch
 from autoliver.core import faults
 from autoliver.core.artefacts import FoldMetrics
 from autoliver.evaluate.overlap import case_dice
+from autoliver.infer.predictor import network_from_state
 from autoliver.infer.sliding_window import argmax_labels
 from autoliver.infer.two_stage import fuse_probabilities, stage_context, stage_min_size, two_stage_predict, window_predictor
 from autoliver.infer.volume import make_predictor, predict_volume
 from autoliver.io.atomic import atomic_path, write_json
 from autoliver.io.checkpoint import load_checkpoint
-from autoliver.nets.registry import build_network, net_spec
 from autoliver.preprocess.resample import resample_probabilities
 from autoliver.preprocess.storage import CLEVEL, CODEC, DATA_SUFFIX, blosc2_layout, load_case, read_case_properties
 from planning.plans import Configuration
@@ -148,13 +148,9 @@ def network_from_checkpoint(checkpoint: str | Path, config: Configuration, n_cla
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _worker_networks:
-        state = load_checkpoint(path)
-        info = state.get("network", {})
-        network = build_network(info.get("arch", "unet"), net_spec(config, int(info.get("n_classes", n_classes))))
-        network.load_state_dict(state["weights"])
-        network.deep_supervision = False
+        network, _, _ = network_from_state(load_checkpoint(path), config, path, f"configuration {config.name}", n_classes)
         _worker_networks.clear()
-        _worker_networks[key] = network.eval()
+        _worker_networks[key] = network
     return _worker_networks[key]
 
 

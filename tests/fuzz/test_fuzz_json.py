@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -170,34 +171,17 @@ def test_json_artefacts_load_or_refuse_naming_the_file(kind, data):
     _artefact(kind, data.draw(artefact_text(kind)))
 
 
-@settings(max_examples=scaled(50))
-@given(content=artefact_text("plans"))
-def test_plans_json(content):
-    _artefact("plans", content)
+EXAMPLES_PER_KIND = {"plans": 50, "fingerprint": 50, "inference_plan": 50, "splits": 40, "metrics": 40}
 
 
-@settings(max_examples=scaled(50))
-@given(content=artefact_text("fingerprint"))
-def test_fingerprint_json(content):
-    _artefact("fingerprint", content)
+@pytest.mark.parametrize("kind", list(EXAMPLES_PER_KIND))
+def test_each_json_artefact(kind):
+    @settings(max_examples=scaled(EXAMPLES_PER_KIND[kind]))
+    @given(content=artefact_text(kind))
+    def check(content):
+        _artefact(kind, content)
 
-
-@settings(max_examples=scaled(50))
-@given(content=artefact_text("inference_plan"))
-def test_inference_plan_json(content):
-    _artefact("inference_plan", content)
-
-
-@settings(max_examples=scaled(40))
-@given(content=artefact_text("splits"))
-def test_splits_json(content):
-    _artefact("splits", content)
-
-
-@settings(max_examples=scaled(40))
-@given(content=artefact_text("metrics"))
-def test_metrics_json(content):
-    _artefact("metrics", content)
+    check()
 
 
 def test_untouched_artefacts_load(tmp_path):
