@@ -28,7 +28,6 @@ mode), so the logits are the same up to float rounding. On a GPU the copies stay
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import time
@@ -44,7 +43,7 @@ from autoliver.core.errors import CheckpointError, MissingArtefactError, UsageEr
 from autoliver.infer.nnunet_window import axis_weights, starts_for
 from autoliver.infer.pipeline import PRECISION_NAMES, CasePrediction
 from autoliver.infer.precision import autocast_dtype
-from autoliver.infer.predictor import FoldNetwork, mirrored
+from autoliver.infer.predictor import FoldNetwork, mirror_combos, mirrored
 from autoliver.infer.sliding_window import Window, argmax_labels, predict_slicewise, sliding_window_predict, softmax_
 from autoliver.infer.volume import make_predictor
 from autoliver.io.images import Geometry
@@ -238,7 +237,7 @@ def prepare_case(model: NnunetModel, image: np.ndarray, geometry: Geometry) -> P
 def mirrored_batch(predictor, spatial_axes: Sequence[int]):
     """``autoliver.infer.predictor.mirrored`` with every mirrored copy in one predictor call
     (a batch of copies x inputs); the same mean, in the same order."""
-    combos = [c for r in range(len(spatial_axes) + 1) for c in itertools.combinations(spatial_axes, r)]
+    combos = mirror_combos(spatial_axes)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         out = predictor(torch.cat([torch.flip(x, axes) if axes else x for axes in combos]))

@@ -250,10 +250,15 @@ def load_model(model_dir: str | Path, configuration: str | None = None, folds: S
                  autocast_dtype(precision, device), previous, liver)
 
 
+def mirror_combos(spatial_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of flipped axes (none first): the mirrored copies of test-time augmentation."""
+    return [c for r in range(len(spatial_axes) + 1) for c in itertools.combinations(spatial_axes, r)]
+
+
 def mirrored(predictor, spatial_axes: Sequence[int]):
     """Mirroring test-time augmentation: the mean of ``predictor`` over every combination of
     flips of ``spatial_axes`` (tensor axes of (B, C, *spatial)), each flipped back."""
-    combos = [c for r in range(len(spatial_axes) + 1) for c in itertools.combinations(spatial_axes, r)]
+    combos = mirror_combos(spatial_axes)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         total = None

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from autoliver.core.labels import STRUCTURES
-from autoliver.infer.predictor import Box, Model, fold_predictor, inference_tiling, tta_axes
+from autoliver.infer.predictor import Box, Model, fold_predictor, inference_tiling, mirror_combos, tta_axes
 from autoliver.infer.sliding_window import Window, argmax_labels, predict_slicewise, sliding_window_predict, tile_starts
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def roi_costs(model: Model, shape: Sequence[int], tta: bool, step: float) -> tup
     config = model.configuration
     patch = tuple(int(p) for p in config.patch_size)
     voxels = float(np.prod(patch))
-    copies = len(model.folds) * (2 ** len(tta_axes(config)) if tta else 1)  # mirrored copies with TTA
+    copies = len(model.folds) * (len(mirror_combos(tta_axes(config))) if tta else 1)  # mirrored copies with TTA
     if config.network_dims == 2:
         plane = shape[1:]
         coarse = len(_coarse_slices(int(shape[0]), config.spacing[0])) * _tiles(plane, patch, 1.0)
